@@ -1,0 +1,112 @@
+"""What every family adapter provides, and the parts most of them share.
+
+An adapter is the only place that knows a family's prompt format and special
+tokens. It turns conversations (with their images already decoded) into model
+inputs, left-padded, and names the token ids that end an answer and those the
+model must never generate. The engine does the rest, the same way for all.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any, ClassVar, Literal
+
+from PIL import Image
+
+from idefics_kit.conversation import Conversation, TextPart
+
+__all__ = [
+    "END_OF_UTTERANCE",
+    "ChatTemplateAdapter",
+    "Family",
+    "FamilyAdapter",
+    "LoadedImages",
+]
+
+Family = Literal["idefics", "idefics2", "idefics3", "smolvlm"]
+LoadedImages = Sequence[Image.Image]
+"""One conversation's decoded images, in order of appearance."""
+
+END_OF_UTTERANCE = "<end_of_utterance>"
+_IMAGE_TOKENS = ("<image>", "<fake_token_around_image>")
+
+
+class FamilyAdapter(ABC):
+    """Prompt format and special tokens of one model family."""
+
+    family: ClassVar[Family]
+    model_type: ClassVar[str]
+    """``config.model_type`` of the checkpoints this adapter serves."""
+    banned_tokens: ClassVar[tuple[str, ...]] = _IMAGE_TOKENS
+    """Tokens the model may never generate (only those in the vocabulary count)."""
+
+    def __init__(self, processor: Any, generation_config: Any) -> None:
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        vocab: dict[str, int] = self.tokenizer.get_vocab()
+        eos = getattr(generation_config, "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        own_eos = [eos] if isinstance(eos, int) else list(eos or ())
+        # Idefics3-8B lists only its Llama-3 eos ids: <end_of_utterance> must be added.
+        extra = [vocab[END_OF_UTTERANCE]] if END_OF_UTTERANCE in vocab else []
+        self.stop_token_ids: tuple[int, ...] = tuple(dict.fromkeys([*own_eos, *extra]))
+        self.banned_token_ids: tuple[int, ...] = tuple(
+            vocab[token] for token in self.banned_tokens if token in vocab
+        )
+        pad = self.tokenizer.pad_token_id
+        self.pad_token_id: int = pad if pad is not None else self.stop_token_ids[0]
+
+    @abstractmethod
+    def encode(
+        self, conversations: Sequence[Conversation], images: Sequence[LoadedImages]
+    ) -> Any:
+        """Return the left-padded model inputs (a ``BatchFeature``) for a batch."""
+
+    def check(self, conversation: Conversation) -> None:  # noqa: B027 - optional hook
+        """Raise ``ConversationError`` for what this family cannot take; default: nothing."""
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        """Text of generated ids, special tokens removed."""
+        text: str = self.tokenizer.decode(
+            list(token_ids), skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+        return text
+
+
+class ChatTemplateAdapter(FamilyAdapter):
+    """Families whose processor renders the model's own chat template."""
+
+    def encode(
+        self, conversations: Sequence[Conversation], images: Sequence[LoadedImages]
+    ) -> Any:
+        batch = [
+            _chat_messages(conv, iter(imgs)) for conv, imgs in zip(conversations, images, strict=True)
+        ]
+        return self.processor.apply_chat_template(
+            batch,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
+            processor_kwargs={"padding": True, "padding_side": "left"},
+        )
+
+
+def _chat_messages(conversation: Conversation, images: Iterator[Image.Image]) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
+    if conversation.system is not None:
+        messages.append(
+            {"role": "system", "content": [{"type": "text", "text": conversation.system}]}
+        )
+    for turn in conversation.turns:
+        content: list[dict[str, Any]] = []
+        for part in turn.parts:
+            if isinstance(part, TextPart):
+                content.append({"type": "text", "text": part.text})
+            else:
+                content.append({"type": "image", "image": next(images)})
+        messages.append({"role": turn.role, "content": content})
+    return messages
+

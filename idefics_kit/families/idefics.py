@@ -1,0 +1,104 @@
+"""IDEFICS 1 (``IdeficsForVisionText2Text``, e.g. HuggingFaceM4/idefics-9b-instruct).
+
+No chat template: the processor takes the interleaved list of the model card,
+``["User: What is in this image?", <img>, "<end_of_utterance>", "\\nAssistant:"]``.
+A turn's first text part follows its role label after one space, a text part
+after an image stands alone; later turns start with ``"\\nUser:"`` or
+``"\\nAssistant:"``. A system prompt becomes a first ``"System: ..."`` turn.
+The processor strips spaces around each string, adds ``<s>``, and (since
+transformers 5) no longer adds ``<end_of_utterance>`` itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+from urllib.parse import urlparse
+
+from idefics_kit.conversation import Conversation, TextPart
+from idefics_kit.errors import ConversationError
+from idefics_kit.families.base import END_OF_UTTERANCE, FamilyAdapter, LoadedImages
+
+__all__ = ["IdeficsAdapter"]
+
+_IMAGE = object()
+"""Placeholder for an image in a prompt list before the images are decoded."""
+
+
+class IdeficsAdapter(FamilyAdapter):
+    """IDEFICS 1: the model card's interleaved prompt list."""
+
+    family = "idefics"
+    model_type = "idefics"
+
+    def check(self, conversation: Conversation) -> None:
+        # The processor downloads any string item that parses as a bare URL.
+        for item in _prompt_items(conversation):
+            if isinstance(item, str) and _processor_takes_as_url(item):
+                raise ConversationError(
+                    f"text part {item.strip()!r} would be fetched as an image URL by the "
+                    "IDEFICS 1 processor; pass images as ImagePart.from_url(...), or add words "
+                    "around the URL so it stays text"
+                )
+
+    def encode(
+        self, conversations: Sequence[Conversation], images: Sequence[LoadedImages]
+    ) -> Any:
+        prompts = []
+        for conversation, loaded in zip(conversations, images, strict=True):
+            pending = iter(loaded)
+            prompts.append(
+                [next(pending) if item is _IMAGE else item for item in _prompt_items(conversation)]
+            )
+        return self.processor(
+            text=prompts,
+            add_end_of_utterance_token=False,
+            padding=True,
+            padding_side="left",
+            return_tensors="pt",
+        )
+
+
+def _prompt_items(conversation: Conversation) -> Iterator[object]:
+    started = False
+    turns = [(turn.role, turn.parts) for turn in conversation.turns]
+    if conversation.system is not None:
+        turns.insert(0, ("system", (TextPart(text=conversation.system),)))
+    for role, parts in turns:
+        label = ("\n" if started else "") + role.capitalize() + ":"
+        started = True
+        first = True
+        for part in _merge_text(parts):
+            if isinstance(part, str):
+                yield f"{label} {part}" if first else part
+            else:
+                if first:
+                    yield label
+                yield _IMAGE
+            first = False
+        yield END_OF_UTTERANCE
+    yield "\nAssistant:"
+
+
+def _merge_text(parts: Sequence[object]) -> Iterator[object]:
+    # Adjacent text parts are one string, as the chat templates concatenate them.
+    text: list[str] = []
+    for part in parts:
+        if isinstance(part, TextPart):
+            text.append(part.text)
+            continue
+        if text:
+            yield "".join(text)
+            text = []
+        yield part
+    if text:
+        yield "".join(text)
+
+
+def _processor_takes_as_url(item: str) -> bool:
+    # Mirrors transformers' idefics `is_url`, applied after `strip(" ")`.
+    stripped = item.strip(" ")
+    if " " in stripped:
+        return False
+    parsed = urlparse(stripped)
+    return bool(parsed.scheme and parsed.netloc)
