@@ -85,7 +85,9 @@ class _StopStrings(StoppingCriteria):  # type: ignore[misc]
         self.prompt_length = prompt_length
         self.window = max(len(s) for s in stop) + _STOP_WINDOW_SLACK
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
         tails = input_ids[:, max(self.prompt_length, input_ids.shape[1] - self.window) :].tolist()
         done = [_find_stop(self.adapter.decode(tail), self.stop) is not None for tail in tails]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
@@ -97,7 +99,9 @@ class _Cancelled(StoppingCriteria):  # type: ignore[misc]
     def __init__(self, event: threading.Event) -> None:
         self.event = event
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def __call__(
+        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:
         return torch.full(
             (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
         )

@@ -7,6 +7,7 @@ serialised by a lock, so a Generator may be shared between threads.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -17,7 +18,12 @@ import torch
 from idefics_kit import engine
 from idefics_kit.conversation import Conversation
 from idefics_kit.devices import DeviceLike, DTypeLike, resolve_device, resolve_dtype
-from idefics_kit.errors import ConversationError, InvalidParameterError, ModelLoadError
+from idefics_kit.errors import (
+    ConversationError,
+    ImageLoadError,
+    InvalidParameterError,
+    ModelLoadError,
+)
 from idefics_kit.families import ADAPTERS, Family, FamilyAdapter, adapter_for
 from idefics_kit.families.base import LoadedImages
 from idefics_kit.options import GenerationOptions
@@ -236,19 +242,40 @@ class Generator:
     # -- internals -------------------------------------------------------------
 
     def _prepare(self, conversations: Sequence[Conversation]) -> list[list[Any]]:
+        """Check every conversation and decode every image, before any model work."""
         for index, conversation in enumerate(conversations):
-            if not isinstance(conversation, Conversation):
-                raise ConversationError(
-                    f"conversation {index}: expected a Conversation, got "
-                    f"{type(conversation).__name__}; build one with Conversation().user(...)"
-                )
-            conversation.validate()
-            self._adapter.check(conversation)
-        return [[part.load() for part in conv.images()] for conv in conversations]
+            with _naming_input(index, len(conversations)):
+                if not isinstance(conversation, Conversation):
+                    raise ConversationError(
+                        f"expected a Conversation, got {type(conversation).__name__}; "
+                        "build one with Conversation().user(...)"
+                    )
+                conversation.validate()
+                self._adapter.check(conversation)
+        images = []
+        for index, conversation in enumerate(conversations):
+            with _naming_input(index, len(conversations)):
+                images.append([part.load() for part in conversation.images()])
+        return images
 
     def _encode(self, conversations: Sequence[Conversation], images: Sequence[LoadedImages]) -> Any:
         inputs = self._adapter.encode(conversations, images)
         return inputs.to(self.device, dtype=self.dtype)
+
+
+@contextlib.contextmanager
+def _naming_input(index: int, count: int) -> Iterator[None]:
+    """In a batch, prefix input errors with the index of the conversation at fault."""
+    try:
+        yield
+    except ImageLoadError as exc:
+        if count == 1:
+            raise
+        raise ImageLoadError(f"conversation {index}: {exc}", source=exc.source) from exc
+    except ConversationError as exc:
+        if count == 1:
+            raise
+        raise ConversationError(f"conversation {index}: {exc}") from exc
 
 
 def _adapter_class(model_type: str, name: str) -> type[FamilyAdapter]:

@@ -59,9 +59,7 @@ class FamilyAdapter(ABC):
         self.pad_token_id: int = pad if pad is not None else self.stop_token_ids[0]
 
     @abstractmethod
-    def encode(
-        self, conversations: Sequence[Conversation], images: Sequence[LoadedImages]
-    ) -> Any:
+    def encode(self, conversations: Sequence[Conversation], images: Sequence[LoadedImages]) -> Any:
         """Return the left-padded model inputs (a ``BatchFeature``) for a batch."""
 
     def check(self, conversation: Conversation) -> None:  # noqa: B027 - optional hook
@@ -78,11 +76,10 @@ class FamilyAdapter(ABC):
 class ChatTemplateAdapter(FamilyAdapter):
     """Families whose processor renders the model's own chat template."""
 
-    def encode(
-        self, conversations: Sequence[Conversation], images: Sequence[LoadedImages]
-    ) -> Any:
+    def encode(self, conversations: Sequence[Conversation], images: Sequence[LoadedImages]) -> Any:
         batch = [
-            _chat_messages(conv, iter(imgs)) for conv, imgs in zip(conversations, images, strict=True)
+            _chat_messages(conv, iter(imgs))
+            for conv, imgs in zip(conversations, images, strict=True)
         ]
         return self.processor.apply_chat_template(
             batch,
@@ -94,7 +91,9 @@ class ChatTemplateAdapter(FamilyAdapter):
         )
 
 
-def _chat_messages(conversation: Conversation, images: Iterator[Image.Image]) -> list[dict[str, Any]]:
+def _chat_messages(
+    conversation: Conversation, images: Iterator[Image.Image]
+) -> list[dict[str, Any]]:
     messages: list[dict[str, Any]] = []
     if conversation.system is not None:
         messages.append(
@@ -109,4 +108,3 @@ def _chat_messages(conversation: Conversation, images: Iterator[Image.Image]) ->
                 content.append({"type": "image", "image": next(images)})
         messages.append({"role": turn.role, "content": content})
     return messages
-

@@ -41,9 +41,7 @@ class IdeficsAdapter(FamilyAdapter):
                     "around the URL so it stays text"
                 )
 
-    def encode(
-        self, conversations: Sequence[Conversation], images: Sequence[LoadedImages]
-    ) -> Any:
+    def encode(self, conversations: Sequence[Conversation], images: Sequence[LoadedImages]) -> Any:
         prompts = []
         for conversation, loaded in zip(conversations, images, strict=True):
             pending = iter(loaded)
@@ -61,7 +59,9 @@ class IdeficsAdapter(FamilyAdapter):
 
 def _prompt_items(conversation: Conversation) -> Iterator[object]:
     started = False
-    turns = [(turn.role, turn.parts) for turn in conversation.turns]
+    turns: list[tuple[str, tuple[object, ...]]] = [
+        (turn.role, turn.parts) for turn in conversation.turns
+    ]
     if conversation.system is not None:
         turns.insert(0, ("system", (TextPart(text=conversation.system),)))
     for role, parts in turns:
