@@ -50,7 +50,16 @@ _TEMPLATES: dict[str, str] = {
     "smolvlm": "<|im_start|>" + _TEMPLATE_BODY,
 }
 
-_WORDS = ["a", "an", "the", "this", "that", "is", "are", "was", "what", "where", "how", "many", "which", "who", "why", "of", "in", "on", "at", "to", "with", "and", "or", "but", "not", "no", "yes", "image", "picture", "photo", "dog", "cat", "bird", "car", "tree", "house", "red", "green", "blue", "yellow", "black", "white", "circle", "square", "triangle", "shape", "color", "left", "right", "center", "describe", "question", "answer", "story", "one", "two", "three", "four", "five", "big", "small", "sky", "water", "man", "woman", "child", "sitting", "standing", "running", "next", "under", "over", "there", "here", "it", "they", "he", "she", "we", "you", "i", "my", "your", "document", "text", "read", "write", "page", "table", "number", "first", "second", "last", "day", "night", "city", "road"]
+_WORDS = tuple(
+    (
+        "a an the this that is are was what where how many which who why of in on at to with "
+        "and or but not no yes image picture photo dog cat bird car tree house red green blue "
+        "yellow black white circle square triangle shape color left right center describe "
+        "question answer story one two three four five big small sky water man woman child "
+        "sitting standing running next under over there here it they he she we you i my your "
+        "document text read write page table number first second last day night city road"
+    ).split()
+)
 
 _IMAGE_TOKENS = ("<fake_token_around_image>", "<image>", "<end_of_utterance>")
 _ROW_COL_TOKENS = tuple(f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7))

@@ -34,7 +34,9 @@ def cases() -> dict[str, tuple[Conversation, list[Any], list[dict[str, Any]]]]:
 
     def msg(role: str, *content: Any) -> dict[str, Any]:
         blocks = [
-            {"type": "image", "image": c} if isinstance(c, Image.Image) else {"type": "text", "text": c}
+            {"type": "image", "image": c}
+            if isinstance(c, Image.Image)
+            else {"type": "text", "text": c}
             for c in content
         ]
         return {"role": role, "content": blocks}
@@ -47,7 +49,15 @@ def cases() -> dict[str, tuple[Conversation, list[Any], list[dict[str, Any]]]]:
         ),
         "two_images": (
             Conversation().user(IMG_A, "and", IMG_B, "compare the two pictures"),
-            ["User:", IMG_A, "and", IMG_B, "compare the two pictures", "<end_of_utterance>", "\nAssistant:"],
+            [
+                "User:",
+                IMG_A,
+                "and",
+                IMG_B,
+                "compare the two pictures",
+                "<end_of_utterance>",
+                "\nAssistant:",
+            ],
             [msg("user", IMG_A, "and", IMG_B, "compare the two pictures")],
         ),
         "text_only": (
@@ -56,7 +66,10 @@ def cases() -> dict[str, tuple[Conversation, list[Any], list[dict[str, Any]]]]:
             [msg("user", "Tell me a story about a dog.")],
         ),
         "two_turns": (
-            Conversation().user("What is in this image?", IMG_A).assistant("A red car.").user("Are you sure?"),
+            Conversation()
+            .user("What is in this image?", IMG_A)
+            .assistant("A red car.")
+            .user("Are you sure?"),
             [
                 "User: What is in this image?",
                 IMG_A,
@@ -75,7 +88,9 @@ def cases() -> dict[str, tuple[Conversation, list[Any], list[dict[str, Any]]]]:
     }
 
 
-def reference(gen: Generator, family: str, prompt: list[Any], messages: list[dict[str, Any]]) -> tuple[list[int], list[int]]:
+def reference(
+    gen: Generator, family: str, prompt: list[Any], messages: list[dict[str, Any]]
+) -> tuple[list[int], list[int]]:
     """(input ids, generated ids cut at the first stop token) the transformers way."""
     model, processor = gen.model, gen.processor
     tokenizer = processor.tokenizer
@@ -87,7 +102,11 @@ def reference(gen: Generator, family: str, prompt: list[Any], messages: list[dic
         inputs = processor(text=prompt, add_end_of_utterance_token=False, return_tensors="pt")
     else:
         inputs = processor.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+            messages,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
         )
     with torch.inference_mode():
         out = model.generate(
