@@ -23,6 +23,7 @@ from idefics_kit.errors import (
     ImageLoadError,
     InvalidParameterError,
     ModelLoadError,
+    UsageError,
 )
 from idefics_kit.families import ADAPTERS, Family, FamilyAdapter, adapter_for
 from idefics_kit.families.base import LoadedImages
@@ -46,6 +47,7 @@ class Generator:
         self.processor = processor
         self._adapter = adapter
         self._lock = threading.Lock()
+        self._owner: int | None = None
 
     # -- construction -------------------------------------------------------
 
@@ -199,7 +201,7 @@ class Generator:
         items = list(conversations)
         images = self._prepare(items)
         results: list[Result] = []
-        with self._lock:
+        with self._exclusive():
             for start in range(0, len(items), batch_size):
                 stop = start + batch_size
                 inputs = self._encode(items[start:stop], images[start:stop])
@@ -224,7 +226,7 @@ class Generator:
     def _stream(
         self, conversation: Conversation, images: LoadedImages, options: GenerationOptions
     ) -> Iterator[str]:
-        with self._lock:
+        with self._exclusive():
             inputs = self._encode([conversation], [images])
             yield from engine.stream(self.model, self._adapter, inputs, options)
 
@@ -240,6 +242,22 @@ class Generator:
         return tuple(ids)
 
     # -- internals -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """Serialise model work; refuse a nested call that would wait on itself."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise UsageError(
+                "this Generator is already generating in this thread (an unfinished stream?); "
+                "exhaust or close() the stream before the next call"
+            )
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     def _prepare(self, conversations: Sequence[Conversation]) -> list[list[Any]]:
         """Check every conversation and decode every image, before any model work."""

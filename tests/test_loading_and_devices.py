@@ -215,3 +215,15 @@ def test_idefics1_refuses_text_its_processor_would_fetch(generators: dict[str, G
 
 def test_empty_batch_returns_empty_list(gen: Generator) -> None:
     assert gen.generate_batch([]) == []
+
+
+def test_device_map_and_attention_implementation_pass_through(
+    checkpoints: dict[str, Path], generators: dict[str, Generator]
+) -> None:
+    gen = Generator.from_pretrained(
+        checkpoints["idefics2"], device_map="cpu", attn_implementation="eager"
+    )
+    assert gen.device == torch.device("cpu")
+    assert gen.model.config._attn_implementation == "eager"
+    expected = generators["idefics2"].generate(CONV, max_new_tokens=6)
+    assert gen.generate(CONV, max_new_tokens=6).token_ids == expected.token_ids

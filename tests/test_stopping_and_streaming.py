@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
-from idefics_kit import Conversation, Generator
+from idefics_kit import Conversation, Generator, UsageError
 from tests.conftest import picture
 
 CONV = Conversation().user("What is in this image?", picture(40, 30, seed=7))
@@ -226,3 +226,12 @@ def test_checkpoint_sampling_defaults_do_not_leak(gen: Generator) -> None:
         assert gen.generate(CONV, max_new_tokens=12) == greedy
     finally:
         config.do_sample, config.temperature, config.top_k = saved
+
+
+def test_nested_call_during_an_open_stream_is_refused_not_deadlocked(gen: Generator) -> None:
+    pieces = gen.stream(CONV, max_new_tokens=8)
+    next(iter(pieces))
+    with pytest.raises(UsageError, match="already generating in this thread"):
+        gen.generate(CONV, max_new_tokens=2)
+    pieces.close()  # type: ignore[attr-defined]
+    assert gen.generate(CONV, max_new_tokens=2).usage.completion_tokens <= 2
