@@ -77,28 +77,21 @@ class _TokenizerSpec:
     add_bos: bool
 
 
+# Llama-2 style SentencePiece BPE (Metaspace), as idefics-9b and Mistral.
+_LLAMA2_SPEC = _TokenizerSpec(
+    byte_level=False,
+    bos="<s>",
+    eos="</s>",
+    unk="<unk>",
+    pad="<unk>",
+    base_specials=("<unk>", "<s>", "</s>"),
+    extra=_IMAGE_TOKENS,
+    add_bos=True,
+)
+
 _TOKENIZER_SPECS: dict[str, _TokenizerSpec] = {
-    # Llama-2 style SentencePiece BPE (Metaspace), as idefics-9b and Mistral.
-    "idefics": _TokenizerSpec(
-        byte_level=False,
-        bos="<s>",
-        eos="</s>",
-        unk="<unk>",
-        pad="<unk>",
-        base_specials=("<unk>", "<s>", "</s>"),
-        extra=_IMAGE_TOKENS,
-        add_bos=True,
-    ),
-    "idefics2": _TokenizerSpec(
-        byte_level=False,
-        bos="<s>",
-        eos="</s>",
-        unk="<unk>",
-        pad="<unk>",
-        base_specials=("<unk>", "<s>", "</s>"),
-        extra=_IMAGE_TOKENS,
-        add_bos=True,
-    ),
+    "idefics": _LLAMA2_SPEC,
+    "idefics2": _LLAMA2_SPEC,
     # Llama-3 style byte-level BPE.
     "idefics3": _TokenizerSpec(
         byte_level=True,
