@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -192,7 +192,7 @@ _DONE = object()
 
 def stream(
     model: Any, adapter: FamilyAdapter, inputs: Any, options: GenerationOptions
-) -> Iterator[str]:
+) -> Generator[str, None, None]:
     """Yield text pieces of a single conversation as soon as they are final.
 
     A piece is held back only while it ends in an incomplete character or in
@@ -224,6 +224,8 @@ def stream(
     ended = False
     try:
         while (item := sink.get()) is not _DONE:
+            if isinstance(item, torch.OutOfMemoryError):
+                raise item  # as in generate(): callers may retry with less memory
             if isinstance(item, BaseException):
                 raise GenerationError(
                     f"model.generate failed: {type(item).__name__}: {item}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections import abc
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -83,13 +84,15 @@ class Generator:
             "cache_dir": cache_dir,
             "local_files_only": local_files_only,
         }
+        if _looks_local(name) and not os.path.isdir(name):
+            raise ModelLoadError(
+                f"no checkpoint folder at {name!r}: pass an existing folder holding "
+                "config.json, or a hub id such as 'HuggingFaceM4/idefics2-8b'"
+            )
         try:
             config = AutoConfig.from_pretrained(name, **hub)
         except (OSError, ValueError) as exc:
-            raise ModelLoadError(
-                f"cannot load a model config from {name!r}: {exc}. Pass a hub id or a folder "
-                "holding config.json"
-            ) from exc
+            raise ModelLoadError(f"cannot load a model config from {name!r}: {exc}") from exc
         adapter_cls = _adapter_class(config.model_type, name)
         try:
             processor = AutoProcessor.from_pretrained(name, **hub)
@@ -213,7 +216,7 @@ class Generator:
         conversation: Conversation,
         options: GenerationOptions | None = None,
         **overrides: Any,
-    ) -> Iterator[str]:
+    ) -> abc.Generator[str, None, None]:
         """Yield the answer as text pieces, each as soon as it is final.
 
         ``"".join(gen.stream(conv, ...))`` equals ``gen.generate(conv, ...).text``.
@@ -225,7 +228,7 @@ class Generator:
 
     def _stream(
         self, conversation: Conversation, images: LoadedImages, options: GenerationOptions
-    ) -> Iterator[str]:
+    ) -> abc.Generator[str, None, None]:
         with self._exclusive():
             inputs = self._encode([conversation], [images])
             yield from engine.stream(self.model, self._adapter, inputs, options)
@@ -294,6 +297,11 @@ def _naming_input(index: int, count: int) -> Iterator[None]:
         if count == 1:
             raise
         raise ConversationError(f"conversation {index}: {exc}") from exc
+
+
+def _looks_local(name: str) -> bool:
+    # Hub ids are "owner/name"; anything path-like is meant as a folder.
+    return name.startswith((".", "~", os.sep)) or name.count("/") > 1 or os.path.exists(name)
 
 
 def _adapter_class(model_type: str, name: str) -> type[FamilyAdapter]:

@@ -313,7 +313,8 @@ def build_tiny_checkpoint(
     ``family`` is one of ``"idefics"``, ``"idefics2"``, ``"idefics3"``,
     ``"smolvlm"``. ``seed`` fixes both the tokenizer corpus and the weights, so
     the same call writes the same checkpoint. Runs offline in well under a
-    second; the folder holds a few hundred kB.
+    second once torch and transformers are imported (the first call in a
+    process also pays for those imports); the folder holds a few hundred kB.
     """
     families = get_args(TinyFamily)
     if family not in families:

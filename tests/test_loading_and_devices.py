@@ -86,7 +86,9 @@ def test_explicit_dtype_loads_and_generates(checkpoints: dict[str, Path]) -> Non
 
 def test_missing_checkpoint(tmp_path: Path) -> None:
     missing = tmp_path / "nope"
-    with pytest.raises(ModelLoadError, match=f"cannot load a model config from '{missing}'"):
+    with pytest.raises(
+        ModelLoadError, match=f"^no checkpoint folder at '{missing}': pass an existing folder"
+    ):
         Generator.from_pretrained(missing)
 
 

@@ -205,7 +205,7 @@ def test_stream_closed_early_stops_and_generator_stays_usable(gen: Generator) ->
     pieces = gen.stream(CONV, max_new_tokens=200)
     first = next(iter(pieces))
     assert expected.text.startswith(first)
-    pieces.close()  # type: ignore[attr-defined]
+    pieces.close()
     assert gen.generate(CONV, max_new_tokens=16) == expected
 
 
@@ -233,5 +233,5 @@ def test_nested_call_during_an_open_stream_is_refused_not_deadlocked(gen: Genera
     next(iter(pieces))
     with pytest.raises(UsageError, match="already generating in this thread"):
         gen.generate(CONV, max_new_tokens=2)
-    pieces.close()  # type: ignore[attr-defined]
+    pieces.close()
     assert gen.generate(CONV, max_new_tokens=2).usage.completion_tokens <= 2
