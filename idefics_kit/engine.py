@@ -15,7 +15,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import (
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+from transformers.generation.logits_process import (
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.generation.streamers import BaseStreamer
 
 from idefics_kit.errors import GenerationError
@@ -107,6 +117,39 @@ class _Cancelled(StoppingCriteria):  # type: ignore[misc]
         )
 
 
+class _SeededSampler(LogitsProcessor):  # type: ignore[misc]
+    """Samples every row with a generator of its own, seeded with ``options.seed``."""
+
+    def __init__(self, options: GenerationOptions) -> None:
+        assert options.seed is not None
+        self.seed = options.seed
+        self.warpers: list[Any] = [TemperatureLogitsWarper(options.temperature)]
+        if options.top_k is not None:
+            self.warpers.append(TopKLogitsWarper(options.top_k))
+        if options.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(options.top_p))
+        self.generators: list[torch.Generator] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.generators:
+            self.generators = [
+                torch.Generator(scores.device).manual_seed(self.seed)
+                for _ in range(scores.shape[0])
+            ]
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        picks = torch.cat(
+            [
+                torch.multinomial(row, 1, generator=g)
+                for row, g in zip(probs, self.generators, strict=True)
+            ]
+        )
+        chosen = torch.full_like(scores, -float("inf"))
+        chosen[torch.arange(scores.shape[0], device=scores.device), picks] = 0.0
+        return chosen
+
+
 def _generate_kwargs(
     adapter: FamilyAdapter, options: GenerationOptions, prompt_length: int
 ) -> dict[str, Any]:
@@ -123,20 +166,20 @@ def _generate_kwargs(
     }
     if adapter.banned_token_ids:
         kwargs["bad_words_ids"] = [[token] for token in adapter.banned_token_ids]
-    if not options.greedy:
+    if not options.greedy and options.seed is None:
         kwargs["temperature"] = options.temperature
         kwargs["top_p"] = options.top_p
         kwargs["top_k"] = options.top_k or 0
+    elif not options.greedy:
+        # Seeded sampling draws each row from its own generator and hands the
+        # pick to greedy search, so a row's answer does not depend on its batch.
+        kwargs["do_sample"] = False
+        kwargs["logits_processor"] = LogitsProcessorList([_SeededSampler(options)])
     criteria = []
     if options.stop:
         criteria.append(_StopStrings(adapter, options.stop, prompt_length))
     kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
     return kwargs
-
-
-def _seed(options: GenerationOptions) -> None:
-    if options.seed is not None:
-        torch.manual_seed(options.seed)
 
 
 def generate(
@@ -145,7 +188,6 @@ def generate(
     """Run one micro-batch (already left-padded, on the model's device)."""
     prompt_length = int(inputs["input_ids"].shape[1])
     kwargs = _generate_kwargs(adapter, options, prompt_length)
-    _seed(options)
     try:
         with torch.inference_mode():
             output = model.generate(**inputs, **kwargs)
@@ -215,7 +257,6 @@ def stream(
         finally:
             sink.put(_DONE)
 
-    _seed(options)
     worker = threading.Thread(target=work, name="idefics-kit-stream", daemon=True)
     worker.start()
     stop_ids = set(adapter.stop_token_ids)

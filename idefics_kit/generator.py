@@ -11,29 +11,32 @@ import contextlib
 import os
 import threading
 from collections import abc
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sized
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
 
 import torch
+from transformers import BatchFeature
 
-from idefics_kit import engine
+from idefics_kit import engine, runner
 from idefics_kit.conversation import Conversation
 from idefics_kit.devices import DeviceLike, DTypeLike, resolve_device, resolve_dtype
 from idefics_kit.errors import (
     ConversationError,
-    ImageLoadError,
     InvalidParameterError,
     ModelLoadError,
     UsageError,
 )
 from idefics_kit.families import ADAPTERS, Family, FamilyAdapter, adapter_for
-from idefics_kit.families.base import LoadedImages
 from idefics_kit.options import GenerationOptions
+from idefics_kit.progress import ProgressBar
 from idefics_kit.results import Result
+from idefics_kit.runner import OnError
 
 __all__ = ["Generator"]
 
 _DEFAULT_BATCH_SIZE = 8
+BatchSize = int | Literal["auto"]
 
 
 class Generator:
@@ -179,37 +182,64 @@ class Generator:
         ``overrides`` are :class:`GenerationOptions` fields
         (``max_new_tokens=64``) applied on top of ``options``.
         """
-        return self.generate_batch([conversation], options, batch_size=1, **overrides)[0]
+        resolved = _options(options, overrides)
+        item = runner.prepare(self._adapter, 0, conversation, numbered=False)
+        with self._exclusive():
+            return runner.run_wave(self.model, self._adapter, [item], resolved, 1, "raise")[0]
 
     def generate_batch(
         self,
-        conversations: Sequence[Conversation],
+        conversations: Iterable[Conversation],
         options: GenerationOptions | None = None,
         *,
-        batch_size: int = _DEFAULT_BATCH_SIZE,
+        batch_size: BatchSize = _DEFAULT_BATCH_SIZE,
+        on_error: OnError = "raise",
+        progress: bool = False,
         **overrides: Any,
     ) -> list[Result]:
         """Answer many conversations; one :class:`Result` per input, in input order.
 
-        Conversations run ``batch_size`` at a time, left-padded. Every
-        conversation is checked and every image decoded before any model
-        work, so bad input fails fast. With greedy decoding a conversation's
-        answer does not depend on the batch it ran in.
+        Every conversation is checked, its images decoded and its prompt
+        encoded before any model work. Conversations of similar prompt length
+        then run together, ``batch_size`` at a time (``"auto"``: as many as fit
+        in free GPU memory; 8 on the CPU), left-padded; an out-of-memory batch
+        is split in half and retried. With greedy decoding, or sampling with a
+        ``seed``, a conversation's answer does not depend on its batch.
+
+        ``on_error="raise"`` raises the first bad input's error, its message
+        starting with ``conversation <index>:``; ``"return"`` gives that input
+        a :class:`Result` whose ``error`` says why and runs the rest.
         """
-        resolved = _options(options, overrides)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise InvalidParameterError(
-                "batch_size", f"batch_size must be an int >= 1, got {batch_size!r}", batch_size
-            )
         items = list(conversations)
-        images = self._prepare(items)
-        results: list[Result] = []
-        with self._exclusive():
-            for start in range(0, len(items), batch_size):
-                stop = start + batch_size
-                inputs = self._encode(items[start:stop], images[start:stop])
-                results.extend(engine.generate(self.model, self._adapter, inputs, resolved))
-        return results
+        return list(
+            self._run(items, options, overrides, batch_size, on_error, progress, window=len(items))
+        )
+
+    def iter_batch(
+        self,
+        conversations: Iterable[Conversation],
+        options: GenerationOptions | None = None,
+        *,
+        batch_size: BatchSize = _DEFAULT_BATCH_SIZE,
+        on_error: OnError = "raise",
+        progress: bool = False,
+        window: int | None = None,
+        **overrides: Any,
+    ) -> Iterator[Result]:
+        """Like :meth:`generate_batch`, for jobs too large to hold in memory.
+
+        Reads ``conversations`` lazily, ``window`` at a time (default: four
+        batches, at least 32), and yields results in input order as each
+        window finishes; the next window's images are decoded while the model
+        works. A bad input is only found when its window is read, so with
+        ``on_error="raise"`` earlier results may already have been yielded.
+        """
+        size = window if window is not None else max(32, 4 * _plain_batch_size(batch_size))
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise InvalidParameterError(
+                "window", f"window must be an int >= 1, got {window!r}", window
+            )
+        return self._run(conversations, options, overrides, batch_size, on_error, progress, size)
 
     def stream(
         self,
@@ -223,14 +253,16 @@ class Generator:
         Closing the iterator early stops generation.
         """
         resolved = _options(options, overrides)
-        images = self._prepare([conversation])
-        return self._stream(conversation, images[0], resolved)
+        item = runner.prepare(self._adapter, 0, conversation, numbered=False)
+        if item.error is not None:
+            raise item.error
+        return self._stream(item, resolved)
 
     def _stream(
-        self, conversation: Conversation, images: LoadedImages, options: GenerationOptions
+        self, item: runner.Prepared, options: GenerationOptions
     ) -> abc.Generator[str, None, None]:
         with self._exclusive():
-            inputs = self._encode([conversation], [images])
+            inputs = BatchFeature(item.inputs).to(self.device, dtype=self.dtype)
             yield from engine.stream(self.model, self._adapter, inputs, options)
 
     def prompt_token_ids(self, conversation: Conversation) -> tuple[int, ...]:
@@ -239,12 +271,76 @@ class Generator:
         BOS and expanded image tokens included; ``len()`` of it is the
         ``usage.prompt_tokens`` that :meth:`generate` reports.
         """
-        images = self._prepare([conversation])
-        inputs = self._adapter.encode([conversation], images)
-        ids: list[int] = inputs["input_ids"][0].tolist()
+        item = runner.prepare(self._adapter, 0, conversation, numbered=False)
+        if item.error is not None or item.inputs is None:
+            raise item.error or ConversationError("conversation could not be encoded")
+        ids: list[int] = item.inputs["input_ids"][0].tolist()
         return tuple(ids)
 
     # -- internals -------------------------------------------------------------
+
+    def _run(
+        self,
+        conversations: Iterable[Conversation],
+        options: GenerationOptions | None,
+        overrides: dict[str, Any],
+        batch_size: BatchSize,
+        on_error: OnError,
+        progress: bool,
+        window: int,
+    ) -> Iterator[Result]:
+        # Arguments are checked here, eagerly, not when the iterator starts.
+        resolved = _options(options, overrides)
+        _check_batch_size(batch_size)
+        if on_error not in ("raise", "return"):
+            raise InvalidParameterError(
+                "on_error", f"on_error must be 'raise' or 'return', got {on_error!r}", on_error
+            )
+        total = len(conversations) if isinstance(conversations, Sized) else None
+        return self._results(conversations, resolved, batch_size, on_error, progress, window, total)
+
+    def _results(
+        self,
+        conversations: Iterable[Conversation],
+        options: GenerationOptions,
+        batch_size: BatchSize,
+        on_error: OnError,
+        progress: bool,
+        window: int,
+        total: int | None,
+    ) -> Iterator[Result]:
+        def prepare(index: int, conversation: object) -> runner.Prepared:
+            return runner.prepare(self._adapter, index, conversation, numbered=True)
+
+        with contextlib.ExitStack() as stack:
+            pool = (
+                None
+                if total is not None and total <= 1
+                else stack.enter_context(
+                    ThreadPoolExecutor(max_workers=2, thread_name_prefix="idefics-kit-prepare")
+                )
+            )
+            bar = stack.enter_context(ProgressBar(total, enabled=progress))
+            for wave in runner.prepared_waves(conversations, prepare, max(1, window), pool):
+                size = self._batch_size(batch_size, wave, options)
+                with self._exclusive():
+                    results = runner.run_wave(
+                        self.model, self._adapter, wave, options, size, on_error, bar.update
+                    )
+                yield from results
+
+    def _batch_size(
+        self, batch_size: BatchSize, wave: list[runner.Prepared], options: GenerationOptions
+    ) -> int:
+        if batch_size != "auto":
+            return batch_size
+        if self.device.type != "cuda":
+            return runner.CPU_BATCH_SIZE
+        free, _ = torch.cuda.mem_get_info(self.device)
+        longest = max((item.length for item in wave), default=0) + options.max_new_tokens
+        return runner.estimate_batch_size(
+            self.model.config.get_text_config(), self.dtype, longest, free
+        )
 
     @contextlib.contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -262,41 +358,20 @@ class Generator:
             finally:
                 self._owner = None
 
-    def _prepare(self, conversations: Sequence[Conversation]) -> list[list[Any]]:
-        """Check every conversation and decode every image, before any model work."""
-        for index, conversation in enumerate(conversations):
-            with _naming_input(index, len(conversations)):
-                if not isinstance(conversation, Conversation):
-                    raise ConversationError(
-                        f"expected a Conversation, got {type(conversation).__name__}; "
-                        "build one with Conversation().user(...)"
-                    )
-                conversation.validate()
-                self._adapter.check(conversation)
-        images = []
-        for index, conversation in enumerate(conversations):
-            with _naming_input(index, len(conversations)):
-                images.append([part.load() for part in conversation.images()])
-        return images
 
-    def _encode(self, conversations: Sequence[Conversation], images: Sequence[LoadedImages]) -> Any:
-        inputs = self._adapter.encode(conversations, images)
-        return inputs.to(self.device, dtype=self.dtype)
+def _plain_batch_size(batch_size: BatchSize) -> int:
+    return runner.CPU_BATCH_SIZE if batch_size == "auto" else batch_size
 
 
-@contextlib.contextmanager
-def _naming_input(index: int, count: int) -> Iterator[None]:
-    """In a batch, prefix input errors with the index of the conversation at fault."""
-    try:
-        yield
-    except ImageLoadError as exc:
-        if count == 1:
-            raise
-        raise ImageLoadError(f"conversation {index}: {exc}", source=exc.source) from exc
-    except ConversationError as exc:
-        if count == 1:
-            raise
-        raise ConversationError(f"conversation {index}: {exc}") from exc
+def _check_batch_size(batch_size: object) -> None:
+    if batch_size == "auto":
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidParameterError(
+            "batch_size",
+            f"batch_size must be an int >= 1 or 'auto', got {batch_size!r}",
+            batch_size,
+        )
 
 
 def _looks_local(name: str) -> bool:

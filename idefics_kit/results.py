@@ -5,10 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from idefics_kit.errors import IdeficsKitError
+
 __all__ = ["FinishReason", "Result", "Usage"]
 
-FinishReason = Literal["stop", "length"]
-"""``"stop"``: a stop token or stop string ended the answer; ``"length"``: max_new_tokens."""
+FinishReason = Literal["stop", "length", "error"]
+"""``"stop"``: a stop token or stop string ended the answer; ``"length"``:
+max_new_tokens was reached; ``"error"``: the input failed (``Result.error``),
+only with ``on_error="return"``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,3 +47,21 @@ class Result:
     token_ids: tuple[int, ...]
     finish_reason: FinishReason
     usage: Usage
+    error: IdeficsKitError | None = None
+    """Why this input failed, when a batch ran with ``on_error="return"``."""
+
+    @property
+    def ok(self) -> bool:
+        """False when this input failed and ``error`` says why."""
+        return self.error is None
+
+    @classmethod
+    def failed(cls, error: IdeficsKitError) -> Result:
+        """The result standing for an input that failed with ``error``."""
+        return cls(
+            text="",
+            token_ids=(),
+            finish_reason="error",
+            usage=Usage(prompt_tokens=0, completion_tokens=0),
+            error=error,
+        )

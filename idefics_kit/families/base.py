@@ -58,6 +58,11 @@ class FamilyAdapter(ABC):
         pad = self.tokenizer.pad_token_id
         self.pad_token_id: int = pad if pad is not None else self.stop_token_ids[0]
 
+    @property
+    def sequence_keys(self) -> dict[str, int]:
+        """Model inputs aligned with the tokens, and the value they are padded with."""
+        return {"input_ids": self.pad_token_id, "attention_mask": 0}
+
     @abstractmethod
     def encode(self, conversations: Sequence[Conversation], images: Sequence[LoadedImages]) -> Any:
         """Return the left-padded model inputs (a ``BatchFeature``) for a batch."""

@@ -31,6 +31,11 @@ class IdeficsAdapter(FamilyAdapter):
     family = "idefics"
     model_type = "idefics"
 
+    @property
+    def sequence_keys(self) -> dict[str, int]:
+        # Which image each token may attend to (cross-attention), per token.
+        return {**super().sequence_keys, "image_attention_mask": 0}
+
     def check(self, conversation: Conversation) -> None:
         # The processor downloads any string item that parses as a bare URL.
         for item in _prompt_items(conversation):

@@ -1,0 +1,74 @@
+"""Micro-batch planning and collation of per-conversation encodings.
+
+Each conversation is encoded on its own (so a bad one fails alone, its exact
+prompt length is known before the model runs, and encoding can overlap model
+work). A micro-batch is then built by padding those encodings together the
+way the processors do: sequences on the left, images with zeros at the end of
+every other dimension.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["collate", "plan"]
+
+
+def plan(lengths: Sequence[int], groups: Sequence[object], batch_size: int) -> list[list[int]]:
+    """Indices grouped into micro-batches of similar prompt length.
+
+    Items of different ``groups`` (e.g. with and without images, whose model
+    inputs have different keys) never share a micro-batch. Within a group,
+    items are sorted by length so that each micro-batch pads little.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (repr(groups[i]), lengths[i], i))
+    batches: list[list[int]] = []
+    for index in order:
+        last = batches[-1] if batches else None
+        if last is not None and len(last) < batch_size and groups[last[0]] == groups[index]:
+            last.append(index)
+        else:
+            batches.append([index])
+    return batches
+
+
+def collate(
+    encodings: Sequence[Mapping[str, torch.Tensor]],
+    sequence_keys: Mapping[str, int],
+) -> dict[str, torch.Tensor]:
+    """Stack single-conversation encodings (batch dimension 1) into one batch.
+
+    ``sequence_keys`` maps the keys aligned with the token sequence to their
+    padding value; those are padded on the left along dimension 1. Every other
+    dimension of every tensor is padded with zeros at its end.
+    """
+    if len(encodings) == 1:
+        return dict(encodings[0])
+    batch: dict[str, torch.Tensor] = {}
+    for key in encodings[0]:
+        tensors = [encoding[key] for encoding in encodings]
+        shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+        value = sequence_keys.get(key)
+        padded = [_pad(t, shape, left=value is not None, value=value or 0) for t in tensors]
+        batch[key] = torch.cat(padded, dim=0)
+    return batch
+
+
+def _pad(tensor: torch.Tensor, shape: list[int], *, left: bool, value: int) -> torch.Tensor:
+    # F.pad takes (before, after) pairs from the last dimension backwards.
+    pads: list[int] = []
+    for dim in reversed(range(1, tensor.dim())):
+        missing = shape[dim] - tensor.shape[dim]
+        pads += [missing, 0] if left and dim == 1 else [0, missing]
+    if not any(pads):
+        return tensor
+    return F.pad(tensor, pads, value=value)
+
+
+def encoding_group(encoding: Mapping[str, Any]) -> tuple[str, ...]:
+    """Items whose encodings have the same keys can share a micro-batch."""
+    return tuple(sorted(encoding))

@@ -1,0 +1,229 @@
+"""Batch execution: prepare conversations, plan micro-batches, run, keep order.
+
+A job is read in waves of at most ``window`` conversations. While the model
+works on one wave, a small thread pool decodes the images of the next, so at
+most two waves of decoded inputs are held at a time. Inside a wave,
+conversations are grouped by prompt length (known exactly, since each one is
+encoded on its own first); results come back in input order whatever the
+grouping. An out-of-memory micro-batch is split in half and retried, down to
+one conversation.
+"""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from transformers import BatchFeature
+
+from idefics_kit import engine
+from idefics_kit.batching import collate, encoding_group, plan
+from idefics_kit.conversation import Conversation
+from idefics_kit.errors import (
+    ConversationError,
+    GenerationError,
+    IdeficsKitError,
+    ImageLoadError,
+)
+from idefics_kit.families.base import FamilyAdapter
+from idefics_kit.options import GenerationOptions
+from idefics_kit.results import Result
+
+__all__ = [
+    "CPU_BATCH_SIZE",
+    "OnError",
+    "Prepared",
+    "estimate_batch_size",
+    "prepare",
+    "prepared_waves",
+    "run_wave",
+]
+
+OnError = Literal["raise", "return"]
+CPU_BATCH_SIZE = 8
+"""``batch_size="auto"`` off CUDA: a CPU gains little from larger batches."""
+_MAX_AUTO_BATCH = 256
+_MEMORY_HEADROOM = 0.6
+"""Share of free GPU memory that ``batch_size="auto"`` plans to use."""
+
+
+@dataclass(slots=True)
+class Prepared:
+    """One conversation, encoded on the CPU (or the error that stopped it)."""
+
+    index: int
+    inputs: dict[str, torch.Tensor] | None
+    error: IdeficsKitError | None
+
+    @property
+    def length(self) -> int:
+        """Prompt tokens (0 for a failed item)."""
+        return 0 if self.inputs is None else int(self.inputs["attention_mask"].sum())
+
+    @property
+    def group(self) -> tuple[str, ...]:
+        """Items of one group can share a micro-batch (same input keys)."""
+        return () if self.inputs is None else encoding_group(self.inputs)
+
+
+def prepare(
+    adapter: FamilyAdapter, index: int, conversation: object, *, numbered: bool
+) -> Prepared:
+    """Check, decode and encode one conversation; input errors are captured, not raised."""
+    try:
+        try:
+            if not isinstance(conversation, Conversation):
+                raise ConversationError(
+                    f"expected a Conversation, got {type(conversation).__name__}; "
+                    "build one with Conversation().user(...)"
+                )
+            conversation.validate()
+            adapter.check(conversation)
+            images = [part.load() for part in conversation.images()]
+            try:
+                encoded = adapter.encode([conversation], [images])
+            except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as exc:
+                raise ConversationError(
+                    f"the {adapter.family} processor could not encode this conversation: "
+                    f"{type(exc).__name__}: {exc}"
+                ) from exc
+            return Prepared(index=index, inputs=dict(encoded), error=None)
+        except ImageLoadError as exc:
+            if not numbered:
+                raise
+            raise ImageLoadError(f"conversation {index}: {exc}", source=exc.source) from exc
+        except ConversationError as exc:
+            if not numbered:
+                raise
+            raise ConversationError(f"conversation {index}: {exc}") from exc
+    except IdeficsKitError as exc:
+        return Prepared(index=index, inputs=None, error=exc)
+
+
+def prepared_waves(
+    source: Iterable[object],
+    prepare_one: Callable[[int, object], Prepared],
+    window: int,
+    pool: ThreadPoolExecutor | None,
+) -> Iterator[list[Prepared]]:
+    """Waves of prepared items, in input order; the next wave is prepared meanwhile."""
+    numbered = enumerate(source)
+
+    def submit() -> list[Future[Prepared]]:
+        futures: list[Future[Prepared]] = []
+        for index, item in numbered:
+            if pool is None:
+                done: Future[Prepared] = Future()
+                done.set_result(prepare_one(index, item))
+                futures.append(done)
+            else:
+                futures.append(pool.submit(prepare_one, index, item))
+            if len(futures) == window:
+                break
+        return futures
+
+    wave = submit()
+    while wave:
+        upcoming = submit()
+        yield [future.result() for future in wave]
+        wave = upcoming
+
+
+def estimate_batch_size(
+    text_config: Any, dtype: torch.dtype, longest_tokens: int, free_bytes: int
+) -> int:
+    """How many sequences of ``longest_tokens`` fit in ``free_bytes`` of GPU memory.
+
+    Counts the KV cache (2 x layers x kv heads x head dim per token) and the
+    hidden states of the prefill, with headroom for the vision encoder and
+    allocator slack; out-of-memory splitting covers a wrong guess.
+    """
+    heads = int(text_config.num_attention_heads)
+    kv_heads = int(getattr(text_config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text_config, "head_dim", None) or text_config.hidden_size // heads)
+    layers = int(text_config.num_hidden_layers)
+    width = dtype.itemsize
+    kv_per_token = 2 * layers * kv_heads * head_dim * width
+    activations_per_token = 4 * int(text_config.hidden_size) * width
+    per_sequence = max(1, longest_tokens) * (kv_per_token + activations_per_token)
+    return max(1, min(_MAX_AUTO_BATCH, int(free_bytes * _MEMORY_HEADROOM) // per_sequence))
+
+
+def run_wave(
+    model: Any,
+    adapter: FamilyAdapter,
+    items: list[Prepared],
+    options: GenerationOptions,
+    batch_size: int,
+    on_error: OnError,
+    on_batch: Callable[[list[Result]], None] | None = None,
+) -> list[Result]:
+    """Results for ``items`` in their order; raises the first input error unless returning."""
+    results: dict[int, Result] = {}
+    for item in items:
+        if item.error is not None:
+            if on_error == "raise":
+                raise item.error
+            results[item.index] = Result.failed(item.error)
+    good = [item for item in items if item.error is None]
+    for batch in plan([i.length for i in good], [i.group for i in good], batch_size):
+        members = [good[i] for i in batch]
+        outputs = _run_micro_batch(model, adapter, members, options, on_error)
+        for item, result in zip(members, outputs, strict=True):
+            results[item.index] = result
+        if on_batch is not None:
+            on_batch(outputs)
+    return [results[item.index] for item in items]
+
+
+def _run_micro_batch(
+    model: Any,
+    adapter: FamilyAdapter,
+    items: list[Prepared],
+    options: GenerationOptions,
+    on_error: OnError,
+) -> list[Result]:
+    encoded = collate([item.inputs for item in items if item.inputs], adapter.sequence_keys)
+    inputs = BatchFeature(encoded).to(model.device, dtype=model.dtype)
+    try:
+        return engine.generate(model, adapter, inputs, options)
+    except torch.OutOfMemoryError as exc:
+        del inputs
+        _release_memory()
+        if len(items) > 1:
+            return _split(model, adapter, items, options, on_error)
+        if on_error == "raise":
+            raise
+        return [
+            Result.failed(GenerationError(f"conversation {items[0].index}: out of memory: {exc}"))
+        ]
+    except GenerationError as exc:
+        if on_error == "raise":
+            indices = ", ".join(str(item.index) for item in items)
+            raise GenerationError(f"conversation(s) {indices}: {exc}") from exc
+        if len(items) > 1:
+            return _split(model, adapter, items, options, on_error)
+        return [Result.failed(GenerationError(f"conversation {items[0].index}: {exc}"))]
+
+
+def _split(
+    model: Any,
+    adapter: FamilyAdapter,
+    items: list[Prepared],
+    options: GenerationOptions,
+    on_error: OnError,
+) -> list[Result]:
+    half = len(items) // 2
+    return _run_micro_batch(model, adapter, items[:half], options, on_error) + _run_micro_batch(
+        model, adapter, items[half:], options, on_error
+    )
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
