@@ -31,9 +31,10 @@ from typing import Any, Literal, get_args
 
 from idefics_kit.errors import InvalidParameterError
 
-__all__ = ["TinyFamily", "build_tiny_checkpoint"]
+__all__ = ["TinyFamily", "TinySize", "build_tiny_checkpoint"]
 
 TinyFamily = Literal["idefics", "idefics2", "idefics3", "smolvlm"]
+TinySize = Literal["tiny", "small"]
 
 _TEMPLATE_BODY = (
     "{% for message in messages %}{{message['role'] | capitalize}}"
@@ -173,33 +174,69 @@ def _train_tokenizer(spec: _TokenizerSpec, seed: int) -> Any:
     return fast
 
 
-def _tiny_text(vocab_size: int, tokenizer: Any, **extra: Any) -> dict[str, Any]:
-    return {
-        "vocab_size": vocab_size,
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 4,
-        "num_key_value_heads": 2,
-        "max_position_embeddings": 1024,
-        "bos_token_id": tokenizer.bos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
-        **extra,
-    }
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Dims:
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    vision_hidden: int
+    vision_layers: int
+    image_size: int
+    """The vision encoder's tile side; patches are 8 px."""
+    latents: int
+    """IDEFICS 2 perceiver latents = its image_seq_len."""
 
 
-_TINY_VISION = {
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 4,
-    "image_size": 32,
-    "patch_size": 8,
+_SIZES: dict[str, _Dims] = {
+    "tiny": _Dims(
+        text_hidden=32,
+        text_layers=2,
+        text_heads=4,
+        vision_hidden=32,
+        vision_layers=1,
+        image_size=32,
+        latents=4,
+    ),
+    # Large enough that model compute, not Python, dominates a CPU benchmark.
+    "small": _Dims(
+        text_hidden=512,
+        text_layers=4,
+        text_heads=8,
+        vision_hidden=256,
+        vision_layers=2,
+        image_size=64,
+        latents=16,
+    ),
 }
 
 
-def _build_idefics(tokenizer: Any) -> tuple[Any, Any, list[int]]:
+def _text(dims: _Dims, tokenizer: Any) -> dict[str, Any]:
+    return {
+        "vocab_size": len(tokenizer),
+        "hidden_size": dims.text_hidden,
+        "intermediate_size": 2 * dims.text_hidden,
+        "num_hidden_layers": dims.text_layers,
+        "num_attention_heads": dims.text_heads,
+        "num_key_value_heads": dims.text_heads // 2,
+        "max_position_embeddings": 2048,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+
+
+def _vision(dims: _Dims) -> dict[str, Any]:
+    return {
+        "hidden_size": dims.vision_hidden,
+        "intermediate_size": 2 * dims.vision_hidden,
+        "num_hidden_layers": dims.vision_layers,
+        "num_attention_heads": 4,
+        "image_size": dims.image_size,
+        "patch_size": 8,
+    }
+
+
+def _build_idefics(tokenizer: Any, dims: _Dims) -> tuple[Any, Any, list[int]]:
     from transformers import (
         IdeficsConfig,
         IdeficsForVisionText2Text,
@@ -209,30 +246,24 @@ def _build_idefics(tokenizer: Any) -> tuple[Any, Any, list[int]]:
 
     # The image tokens sit past the base vocabulary, in the decoupled
     # embedding, exactly as on the published checkpoints.
-    base = len(tokenizer) - len(_IMAGE_TOKENS)
-    vision = {k: v for k, v in _TINY_VISION.items() if k != "hidden_size"}
+    text = _text(dims, tokenizer)
+    del text["num_key_value_heads"]
+    vision = _vision(dims)
+    vision["embed_dim"] = vision.pop("hidden_size")
     config = IdeficsConfig(
-        vocab_size=base,
+        **{**text, "vocab_size": len(tokenizer) - len(_IMAGE_TOKENS)},
         additional_vocab_size=len(_IMAGE_TOKENS),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=1024,
         cross_layer_interval=1,
-        vision_config={**vision, "embed_dim": 32},
+        vision_config=vision,
         perceiver_config={"use_resampler": False},
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
     )
     model = IdeficsForVisionText2Text(config)
-    image_processor = IdeficsImageProcessor(image_size=32)
-    processor = IdeficsProcessor(image_processor, tokenizer, image_size=32)
+    image_processor = IdeficsImageProcessor(image_size=dims.image_size)
+    processor = IdeficsProcessor(image_processor, tokenizer, image_size=dims.image_size)
     return model, processor, [tokenizer.eos_token_id]
 
 
-def _build_idefics2(tokenizer: Any) -> tuple[Any, Any, list[int]]:
+def _build_idefics2(tokenizer: Any, dims: _Dims) -> tuple[Any, Any, list[int]]:
     from transformers import (
         Idefics2Config,
         Idefics2ForConditionalGeneration,
@@ -240,13 +271,12 @@ def _build_idefics2(tokenizer: Any) -> tuple[Any, Any, list[int]]:
         Idefics2Processor,
     )
 
-    latents = 4
     config = Idefics2Config(
-        text_config={"model_type": "mistral", **_tiny_text(len(tokenizer), tokenizer)},
-        vision_config=dict(_TINY_VISION),
+        text_config={"model_type": "mistral", **_text(dims, tokenizer)},
+        vision_config=_vision(dims),
         perceiver_config={
-            "hidden_size": 32,
-            "resampler_n_latents": latents,
+            "hidden_size": dims.text_hidden,
+            "resampler_n_latents": dims.latents,
             "resampler_depth": 1,
             "resampler_n_heads": 2,
             "resampler_head_dim": 8,
@@ -255,25 +285,26 @@ def _build_idefics2(tokenizer: Any) -> tuple[Any, Any, list[int]]:
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
     model = Idefics2ForConditionalGeneration(config)
+    edge = dims.image_size
     image_processor = Idefics2ImageProcessor(
-        do_image_splitting=False, size={"shortest_edge": 24, "longest_edge": 32}
+        do_image_splitting=False, size={"shortest_edge": edge * 3 // 4, "longest_edge": edge}
     )
     processor = Idefics2Processor(
-        image_processor, tokenizer, image_seq_len=latents, chat_template=_TEMPLATES["idefics2"]
+        image_processor, tokenizer, image_seq_len=dims.latents, chat_template=_TEMPLATES["idefics2"]
     )
     eou = tokenizer.convert_tokens_to_ids("<end_of_utterance>")
     return model, processor, [tokenizer.eos_token_id, eou]
 
 
-def _build_idefics3_like(family: str, tokenizer: Any) -> tuple[Any, Any, list[int]]:
+def _build_idefics3_like(family: str, tokenizer: Any, dims: _Dims) -> tuple[Any, Any, list[int]]:
     import transformers as tf
 
     prefix = "Idefics3" if family == "idefics3" else "SmolVLM"
     scale = 2
-    seq_len = (_TINY_VISION["image_size"] // _TINY_VISION["patch_size"]) ** 2 // scale**2
+    seq_len = (dims.image_size // 8) ** 2 // scale**2
     config = getattr(tf, f"{prefix}Config")(
-        text_config={"model_type": "llama", **_tiny_text(len(tokenizer), tokenizer)},
-        vision_config=dict(_TINY_VISION),
+        text_config={"model_type": "llama", **_text(dims, tokenizer)},
+        vision_config=_vision(dims),
         scale_factor=scale,
         image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
         pad_token_id=tokenizer.pad_token_id,
@@ -281,8 +312,8 @@ def _build_idefics3_like(family: str, tokenizer: Any) -> tuple[Any, Any, list[in
     model = getattr(tf, f"{prefix}ForConditionalGeneration")(config)
     image_kwargs = {
         "do_image_splitting": True,
-        "size": {"longest_edge": 64},
-        "max_image_size": {"longest_edge": 32},
+        "size": {"longest_edge": 2 * dims.image_size},
+        "max_image_size": {"longest_edge": dims.image_size},
     }
     image_processor = getattr(tf, f"{prefix}ImageProcessor")(**image_kwargs)
     processor_cls = getattr(tf, f"{prefix}Processor")
@@ -306,13 +337,19 @@ def _build_idefics3_like(family: str, tokenizer: Any) -> tuple[Any, Any, list[in
 
 
 def build_tiny_checkpoint(
-    family: TinyFamily, path: str | os.PathLike[str], *, seed: int = 0
+    family: TinyFamily,
+    path: str | os.PathLike[str],
+    *,
+    seed: int = 0,
+    size: TinySize = "tiny",
 ) -> Path:
     """Write a tiny random-weight checkpoint of ``family`` to ``path`` and return it.
 
     ``family`` is one of ``"idefics"``, ``"idefics2"``, ``"idefics3"``,
     ``"smolvlm"``. ``seed`` fixes both the tokenizer corpus and the weights, so
-    the same call writes the same checkpoint. Runs offline in well under a
+    the same call writes the same checkpoint. ``size="small"`` (text hidden
+    512 x 4 layers, vision hidden 256 x 2 layers, 64 px tiles) is for
+    benchmarks, where model compute must dominate. Runs offline in well under a
     second once torch and transformers are imported (the first call in a
     process also pays for those imports); the folder holds a few hundred kB.
     """
@@ -321,6 +358,11 @@ def build_tiny_checkpoint(
         raise InvalidParameterError(
             "family", f"family must be one of {', '.join(families)}; got {family!r}", family
         )
+    if size not in _SIZES:
+        raise InvalidParameterError(
+            "size", f"size must be one of {', '.join(_SIZES)}; got {size!r}", size
+        )
+    dims = _SIZES[size]
     import torch
     from transformers import GenerationConfig
 
@@ -329,11 +371,11 @@ def build_tiny_checkpoint(
     tokenizer = _train_tokenizer(_TOKENIZER_SPECS[family], seed)
     torch.manual_seed(seed)
     if family == "idefics":
-        model, processor, eos = _build_idefics(tokenizer)
+        model, processor, eos = _build_idefics(tokenizer, dims)
     elif family == "idefics2":
-        model, processor, eos = _build_idefics2(tokenizer)
+        model, processor, eos = _build_idefics2(tokenizer, dims)
     else:
-        model, processor, eos = _build_idefics3_like(family, tokenizer)
+        model, processor, eos = _build_idefics3_like(family, tokenizer, dims)
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=eos,
