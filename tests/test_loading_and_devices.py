@@ -188,7 +188,9 @@ def test_bad_input_fails_before_any_model_work(
         with pytest.raises(error, match=message):
             gen.generate_batch(batch, max_new_tokens=2, batch_size=1)  # type: ignore[arg-type]
     assert model_calls.count == 0
-    with pytest.raises(InvalidParameterError, match="batch_size must be an int >= 1, got 0"):
+    with pytest.raises(
+        InvalidParameterError, match="batch_size must be an int >= 1 or 'auto', got 0"
+    ):
         gen.generate_batch(good, batch_size=0)
     with pytest.raises(InvalidParameterError, match="unknown generation option 'max_tokens'"):
         gen.generate(CONV, max_tokens=3)
