@@ -15,15 +15,19 @@ inputs whose rows are already in the output file.
 
 from __future__ import annotations
 
-import importlib
+import contextlib
 import json
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, TextIO
+
+from tqdm import tqdm
 
 from idefics_kit._cli_common import PROG, CliExit
 from idefics_kit.conversation import Conversation, Turn
@@ -155,8 +159,7 @@ def _check_unique(index: Sequence[tuple[int, str | None]], path: Path) -> None:
     if duplicate is not None:
         record_id, lines = duplicate
         raise CliExit(
-            f"duplicate id {record_id!r} on lines {_and(lines)} of {path}; "
-            "every id must be unique"
+            f"duplicate id {record_id!r} on lines {_and(lines)} of {path}; every id must be unique"
         )
 
 
@@ -245,10 +248,13 @@ class RowWriter:
             ) from None
 
     def write(self, row: Row) -> None:
-        self._file.write(_encode_row(row))
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self.count += 1
+        """Append ``row`` durably; a Ctrl-C meanwhile takes effect once the row is written."""
+        data = _encode_row(row)
+        with _sigint_deferred():
+            self._file.write(data)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self.count += 1
 
     def close(self) -> None:
         self._file.close()
@@ -263,6 +269,24 @@ class RowWriter:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold SIGINT back for the duration (main thread only), then deliver it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received and callable(previous):
+            previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+        elif received and previous == signal.SIG_DFL:
+            signal.raise_signal(signal.SIGINT)
 
 
 def _encode_row(row: Row) -> bytes:
@@ -397,6 +421,8 @@ def run_window(
     rows = []
     for item in window:
         outcome: Outcome | None = item.error if item.conversation is None else next(outcomes)
+        if isinstance(outcome, Result) and outcome.error is not None:
+            outcome = outcome.error
         assert outcome is not None
         rows.append(
             result_row(item.record, outcome)
@@ -413,7 +439,6 @@ class Progress:
     """A tqdm bar on stderr: items, items/s, ETA, and generated tokens/s as postfix."""
 
     def __init__(self, total: int, *, enabled: bool, err: TextIO) -> None:
-        tqdm: Any = importlib.import_module("tqdm").tqdm
         self._bar: Any = tqdm(
             total=total, unit="item", file=err, disable=not enabled, dynamic_ncols=True
         )

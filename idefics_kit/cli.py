@@ -49,6 +49,7 @@ _OPTION_NAMES = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
 # InvalidParameterError.parameter values that a flag of this CLI sets.
 _FLAG_PARAMETERS = frozenset({*_OPTION_NAMES, "device", "dtype", "batch_size"})
 _EXAMPLE_MODEL = "HuggingFaceTB/SmolVLM-Instruct"
+_LABEL_WIDTH = len("tokens per image: ")
 
 _MAIN_EPILOG = f"""\
 commands:
@@ -273,17 +274,7 @@ def _require_model(args: argparse.Namespace) -> str:
 # -- model loading ---------------------------------------------------------------------
 
 
-def _looks_like_path(name: str) -> bool:
-    # Hub ids are "name" or "owner/name"; anything else is meant as a folder.
-    return name.startswith((".", "/", "~")) or "\\" in name or name.count("/") > 1
-
-
 def _load_generator(model: str, args: argparse.Namespace) -> Generator:
-    if _looks_like_path(model) and not os.path.exists(model):
-        raise CliExit(
-            f"model folder {model!r} does not exist; pass an existing checkpoint folder or a "
-            f"hub id such as {_EXAMPLE_MODEL}"
-        )
     return Generator.from_pretrained(model, device=args.device, dtype=args.dtype)
 
 
@@ -441,8 +432,7 @@ def format_info(info: Mapping[str, Any]) -> str:
         tokens = info[key]
         text = ", ".join(f"{t['id']} {t['token']}" for t in tokens) if tokens else "none"
         lines.append((label, text))
-    width = max(len(label) for label, _ in lines) + 2
-    return "\n".join(f"{label + ':':<{width}}{value}" for label, value in lines)
+    return "\n".join(f"{label + ':':<{_LABEL_WIDTH}}{value}" for label, value in lines)
 
 
 def _cmd_info(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:

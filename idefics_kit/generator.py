@@ -32,10 +32,12 @@ from idefics_kit.options import GenerationOptions
 from idefics_kit.progress import ProgressBar
 from idefics_kit.results import Result
 from idefics_kit.runner import OnError
+from idefics_kit.vision_cache import VisionCache, VisionCacheStats
 
 __all__ = ["Generator"]
 
 _DEFAULT_BATCH_SIZE = 8
+DEFAULT_VISION_CACHE_MB = 256.0
 BatchSize = int | Literal["auto"]
 
 
@@ -46,10 +48,13 @@ class Generator:
     :meth:`from_model` (objects the application already loaded).
     """
 
-    def __init__(self, model: Any, processor: Any, adapter: FamilyAdapter) -> None:
+    def __init__(
+        self, model: Any, processor: Any, adapter: FamilyAdapter, vision_cache_mb: float
+    ) -> None:
         self.model = model
         self.processor = processor
         self._adapter = adapter
+        self._cache = VisionCache(vision_cache_mb) if vision_cache_mb != 0 else None
         self._lock = threading.Lock()
         self._owner: int | None = None
 
@@ -68,13 +73,16 @@ class Generator:
         local_files_only: bool = False,
         device_map: str | dict[str, Any] | None = None,
         attn_implementation: str | None = None,
+        vision_cache_mb: float = DEFAULT_VISION_CACHE_MB,
     ) -> Generator:
         """Load a checkpoint of any supported family from the hub or a folder.
 
         ``device="auto"`` picks CUDA, then MPS, then the CPU; ``dtype="auto"``
         picks bfloat16 (float16 where unsupported) on CUDA and float32 on the
         CPU. ``device_map`` (e.g. ``"auto"``) hands placement to accelerate
-        instead, for models spread over several GPUs.
+        instead, for models spread over several GPUs. ``vision_cache_mb``
+        bounds the cache of vision-encoder outputs (keyed by image content, so
+        asking about the same picture again skips the encoder); 0 turns it off.
         """
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -119,10 +127,13 @@ class Generator:
         if target is not None:
             model.to(target)
         model.eval()
-        return cls(model, processor, adapter_cls(processor, model.generation_config))
+        adapter = adapter_cls(processor, model.generation_config)
+        return cls(model, processor, adapter, vision_cache_mb)
 
     @classmethod
-    def from_model(cls, model: Any, processor: Any) -> Generator:
+    def from_model(
+        cls, model: Any, processor: Any, *, vision_cache_mb: float = DEFAULT_VISION_CACHE_MB
+    ) -> Generator:
         """Wrap a model and processor the application has already loaded.
 
         The model stays where it is (device, dtype) and is switched to eval mode.
@@ -135,7 +146,8 @@ class Generator:
                 "AutoProcessor, not its image processor or tokenizer alone"
             )
         model.eval()
-        return cls(model, processor, adapter_cls(processor, model.generation_config))
+        adapter = adapter_cls(processor, model.generation_config)
+        return cls(model, processor, adapter, vision_cache_mb)
 
     # -- properties ----------------------------------------------------------
 
@@ -155,6 +167,17 @@ class Generator:
         """The dtype of the model's weights."""
         dtype: torch.dtype = self.model.dtype
         return dtype
+
+    @property
+    def vision_cache(self) -> VisionCacheStats | None:
+        """Hits, misses and size of the vision cache; None when it is off."""
+        return None if self._cache is None else self._cache.stats()
+
+    def clear_vision_cache(self) -> None:
+        """Forget every cached image encoding."""
+        if self._cache is not None:
+            with self._exclusive():
+                self._cache.clear()
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:
@@ -183,9 +206,12 @@ class Generator:
         (``max_new_tokens=64``) applied on top of ``options``.
         """
         resolved = _options(options, overrides)
-        item = runner.prepare(self._adapter, 0, conversation, numbered=False)
+        item = self._prepare(0, conversation, numbered=False)
         with self._exclusive():
-            return runner.run_wave(self.model, self._adapter, [item], resolved, 1, "raise")[0]
+            results = runner.run_wave(
+                self.model, self._adapter, [item], resolved, 1, "raise", cache=self._cache
+            )
+        return results[0]
 
     def generate_batch(
         self,
@@ -253,7 +279,7 @@ class Generator:
         Closing the iterator early stops generation.
         """
         resolved = _options(options, overrides)
-        item = runner.prepare(self._adapter, 0, conversation, numbered=False)
+        item = self._prepare(0, conversation, numbered=False)
         if item.error is not None:
             raise item.error
         return self._stream(item, resolved)
@@ -262,7 +288,12 @@ class Generator:
         self, item: runner.Prepared, options: GenerationOptions
     ) -> abc.Generator[str, None, None]:
         with self._exclusive():
-            inputs = BatchFeature(item.inputs).to(self.device, dtype=self.dtype)
+            encoded: dict[str, Any] = dict(item.inputs or {})
+            if self._cache is not None and item.images:
+                encoded = runner.with_cached_features(
+                    self.model, self._adapter, [item], encoded, self._cache
+                )
+            inputs = BatchFeature(encoded).to(self.device, dtype=self.dtype)
             yield from engine.stream(self.model, self._adapter, inputs, options)
 
     def prompt_token_ids(self, conversation: Conversation) -> tuple[int, ...]:
@@ -310,7 +341,7 @@ class Generator:
         total: int | None,
     ) -> Iterator[Result]:
         def prepare(index: int, conversation: object) -> runner.Prepared:
-            return runner.prepare(self._adapter, index, conversation, numbered=True)
+            return self._prepare(index, conversation, numbered=True)
 
         with contextlib.ExitStack() as stack:
             pool = (
@@ -325,7 +356,14 @@ class Generator:
                 size = self._batch_size(batch_size, wave, options)
                 with self._exclusive():
                     results = runner.run_wave(
-                        self.model, self._adapter, wave, options, size, on_error, bar.update
+                        self.model,
+                        self._adapter,
+                        wave,
+                        options,
+                        size,
+                        on_error,
+                        bar.update,
+                        cache=self._cache,
                     )
                 yield from results
 
@@ -340,6 +378,15 @@ class Generator:
         longest = max((item.length for item in wave), default=0) + options.max_new_tokens
         return runner.estimate_batch_size(
             self.model.config.get_text_config(), self.dtype, longest, free
+        )
+
+    def _prepare(self, index: int, conversation: object, *, numbered: bool) -> runner.Prepared:
+        return runner.prepare(
+            self._adapter,
+            index,
+            conversation,
+            numbered=numbered,
+            keep_images=self._cache is not None,
         )
 
     @contextlib.contextmanager

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from PIL import Image
 from transformers import BatchFeature
 
 from idefics_kit import engine
@@ -32,6 +33,7 @@ from idefics_kit.errors import (
 from idefics_kit.families.base import FamilyAdapter
 from idefics_kit.options import GenerationOptions
 from idefics_kit.results import Result
+from idefics_kit.vision_cache import VisionCache, image_key
 
 __all__ = [
     "CPU_BATCH_SIZE",
@@ -58,6 +60,8 @@ class Prepared:
     index: int
     inputs: dict[str, torch.Tensor] | None
     error: IdeficsKitError | None
+    images: tuple[tuple[str, Image.Image], ...] = ()
+    """(content key, decoded image) pairs, kept only when a vision cache is on."""
 
     @property
     def length(self) -> int:
@@ -71,7 +75,12 @@ class Prepared:
 
 
 def prepare(
-    adapter: FamilyAdapter, index: int, conversation: object, *, numbered: bool
+    adapter: FamilyAdapter,
+    index: int,
+    conversation: object,
+    *,
+    numbered: bool,
+    keep_images: bool = False,
 ) -> Prepared:
     """Check, decode and encode one conversation; input errors are captured, not raised."""
     try:
@@ -91,7 +100,8 @@ def prepare(
                     f"the {adapter.family} processor could not encode this conversation: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
-            return Prepared(index=index, inputs=dict(encoded), error=None)
+            kept = tuple((image_key(image), image) for image in images) if keep_images else ()
+            return Prepared(index=index, inputs=dict(encoded), error=None, images=kept)
         except ImageLoadError as exc:
             if not numbered:
                 raise
@@ -161,6 +171,7 @@ def run_wave(
     batch_size: int,
     on_error: OnError,
     on_batch: Callable[[list[Result]], None] | None = None,
+    cache: VisionCache | None = None,
 ) -> list[Result]:
     """Results for ``items`` in their order; raises the first input error unless returning."""
     results: dict[int, Result] = {}
@@ -172,7 +183,7 @@ def run_wave(
     good = [item for item in items if item.error is None]
     for batch in plan([i.length for i in good], [i.group for i in good], batch_size):
         members = [good[i] for i in batch]
-        outputs = _run_micro_batch(model, adapter, members, options, on_error)
+        outputs = _run_micro_batch(model, adapter, members, options, on_error, cache)
         for item, result in zip(members, outputs, strict=True):
             results[item.index] = result
         if on_batch is not None:
@@ -186,8 +197,13 @@ def _run_micro_batch(
     items: list[Prepared],
     options: GenerationOptions,
     on_error: OnError,
+    cache: VisionCache | None,
 ) -> list[Result]:
-    encoded = collate([item.inputs for item in items if item.inputs], adapter.sequence_keys)
+    encoded: dict[str, Any] = collate(
+        [item.inputs for item in items if item.inputs], adapter.sequence_keys
+    )
+    if cache is not None and any(item.images for item in items):
+        encoded = with_cached_features(model, adapter, items, encoded, cache)
     inputs = BatchFeature(encoded).to(model.device, dtype=model.dtype)
     try:
         return engine.generate(model, adapter, inputs, options)
@@ -195,7 +211,7 @@ def _run_micro_batch(
         del inputs
         _release_memory()
         if len(items) > 1:
-            return _split(model, adapter, items, options, on_error)
+            return _split(model, adapter, items, options, on_error, cache)
         if on_error == "raise":
             raise
         return [
@@ -206,7 +222,7 @@ def _run_micro_batch(
             indices = ", ".join(str(item.index) for item in items)
             raise GenerationError(f"conversation(s) {indices}: {exc}") from exc
         if len(items) > 1:
-            return _split(model, adapter, items, options, on_error)
+            return _split(model, adapter, items, options, on_error, cache)
         return [Result.failed(GenerationError(f"conversation {items[0].index}: {exc}"))]
 
 
@@ -216,11 +232,33 @@ def _split(
     items: list[Prepared],
     options: GenerationOptions,
     on_error: OnError,
+    cache: VisionCache | None,
 ) -> list[Result]:
     half = len(items) // 2
-    return _run_micro_batch(model, adapter, items[:half], options, on_error) + _run_micro_batch(
-        model, adapter, items[half:], options, on_error
-    )
+    first = _run_micro_batch(model, adapter, items[:half], options, on_error, cache)
+    return first + _run_micro_batch(model, adapter, items[half:], options, on_error, cache)
+
+
+def with_cached_features(
+    model: Any,
+    adapter: FamilyAdapter,
+    items: list[Prepared],
+    encoded: dict[str, Any],
+    cache: VisionCache,
+) -> dict[str, Any]:
+    """``encoded`` with image pixels replaced by cached (or newly computed) features."""
+
+    def features(image: Image.Image) -> Callable[[], torch.Tensor]:
+        def compute() -> torch.Tensor:
+            with torch.inference_mode():
+                return adapter.image_features(model, image)
+
+        return compute
+
+    per_item = [
+        [cache.get_or_compute(key, features(image)) for key, image in item.images] for item in items
+    ]
+    return adapter.with_image_features(model, encoded, per_item)
 
 
 def _release_memory() -> None:

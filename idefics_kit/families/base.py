@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Literal
 
+import torch
 from PIL import Image
 
 from idefics_kit.conversation import Conversation, TextPart
@@ -67,6 +68,16 @@ class FamilyAdapter(ABC):
     def encode(self, conversations: Sequence[Conversation], images: Sequence[LoadedImages]) -> Any:
         """Return the left-padded model inputs (a ``BatchFeature``) for a batch."""
 
+    @abstractmethod
+    def image_features(self, model: Any, image: Image.Image) -> torch.Tensor:
+        """The vision encoder's output for one image, as the model computes it in a batch."""
+
+    @abstractmethod
+    def with_image_features(
+        self, model: Any, inputs: dict[str, Any], features: list[list[torch.Tensor]]
+    ) -> dict[str, Any]:
+        """``inputs`` with the pixels replaced by precomputed per-image ``features``."""
+
     def check(self, conversation: Conversation) -> None:  # noqa: B027 - optional hook
         """Raise ``ConversationError`` for what this family cannot take; default: nothing."""
 
@@ -94,6 +105,28 @@ class ChatTemplateAdapter(FamilyAdapter):
             return_tensors="pt",
             processor_kwargs={"padding": True, "padding_side": "left"},
         )
+
+    def image_features(self, model: Any, image: Image.Image) -> torch.Tensor:
+        pixels = self.processor.image_processor([[image]], return_tensors="pt")
+        output = model.base_model.get_image_features(
+            pixel_values=pixels["pixel_values"].to(model.device, dtype=model.dtype),
+            pixel_attention_mask=pixels["pixel_attention_mask"].to(model.device),
+        )
+        features: torch.Tensor = output.pooler_output[0]
+        return features
+
+    def with_image_features(
+        self, model: Any, inputs: dict[str, Any], features: list[list[torch.Tensor]]
+    ) -> dict[str, Any]:
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        # The same hook generate() itself uses once it has encoded the pixels.
+        rest = {
+            k: v for k, v in inputs.items() if k not in ("pixel_values", "pixel_attention_mask")
+        }
+        per_row = [torch.cat(row) for row in features]
+        rest["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
+        return rest
 
 
 def _chat_messages(

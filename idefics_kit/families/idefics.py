@@ -15,6 +15,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 from urllib.parse import urlparse
 
+import torch
+from PIL import Image
+
 from idefics_kit.conversation import Conversation, TextPart
 from idefics_kit.errors import ConversationError
 from idefics_kit.families.base import END_OF_UTTERANCE, FamilyAdapter, LoadedImages
@@ -31,10 +34,40 @@ class IdeficsAdapter(FamilyAdapter):
     family = "idefics"
     model_type = "idefics"
 
+    def __init__(self, processor: Any, generation_config: Any) -> None:
+        super().__init__(processor, generation_config)
+        self._padding_features: torch.Tensor | None = None
+
     @property
     def sequence_keys(self) -> dict[str, int]:
         # Which image each token may attend to (cross-attention), per token.
         return {**super().sequence_keys, "image_attention_mask": 0}
+
+    def image_features(self, model: Any, image: Image.Image) -> torch.Tensor:
+        pixels = self.processor.image_processor([image], return_tensors="pt")
+        return self._encode_pixels(model, pixels)
+
+    def with_image_features(
+        self, model: Any, inputs: dict[str, Any], features: list[list[torch.Tensor]]
+    ) -> dict[str, Any]:
+        # Rows with fewer images are padded with all-zero images, exactly as
+        # the processor pads pixel_values; their output is masked anyway.
+        slots = int(inputs["pixel_values"].shape[1])
+        if self._padding_features is None and any(len(row) < slots for row in features):
+            blank = torch.zeros_like(inputs["pixel_values"][0, :1])
+            self._padding_features = self._encode_pixels(model, blank)
+        padding = [self._padding_features] if self._padding_features is not None else []
+        rows = [torch.stack(row + padding * (slots - len(row))) for row in features]
+        rest = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        rest["image_encoder_embeddings"] = torch.stack(rows)
+        return rest
+
+    def _encode_pixels(self, model: Any, pixels: torch.Tensor) -> torch.Tensor:
+        output = model.base_model.vision_model(
+            pixel_values=pixels.to(model.device, dtype=model.dtype).contiguous()
+        )
+        features: torch.Tensor = output.last_hidden_state[0]
+        return features
 
     def check(self, conversation: Conversation) -> None:
         # The processor downloads any string item that parses as a bare URL.
