@@ -55,6 +55,8 @@ class Generator:
         self.processor = processor
         self._adapter = adapter
         self._cache = VisionCache(vision_cache_mb) if vision_cache_mb != 0 else None
+        limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self._context: int | None = int(limit) if isinstance(limit, int) else None
         self._lock = threading.Lock()
         self._owner: int | None = None
 
@@ -74,6 +76,7 @@ class Generator:
         device_map: str | dict[str, Any] | None = None,
         attn_implementation: str | None = None,
         vision_cache_mb: float = DEFAULT_VISION_CACHE_MB,
+        allow_pickle: bool = False,
     ) -> Generator:
         """Load a checkpoint of any supported family from the hub or a folder.
 
@@ -83,6 +86,11 @@ class Generator:
         instead, for models spread over several GPUs. ``vision_cache_mb``
         bounds the cache of vision-encoder outputs (keyed by image content, so
         asking about the same picture again skips the encoder); 0 turns it off.
+
+        Weights load only from safetensors files: pickled ``.bin`` weights can
+        run code while loading, so a checkpoint that has only those needs
+        ``allow_pickle=True`` (for checkpoints you trust). Custom model code
+        from a checkpoint (``trust_remote_code``) is never run.
         """
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
@@ -101,12 +109,12 @@ class Generator:
                 "config.json, or a hub id such as 'HuggingFaceM4/idefics2-8b'"
             )
         try:
-            config = AutoConfig.from_pretrained(name, **hub)
+            config = AutoConfig.from_pretrained(name, trust_remote_code=False, **hub)
         except (OSError, ValueError) as exc:
             raise ModelLoadError(f"cannot load a model config from {name!r}: {exc}") from exc
         adapter_cls = _adapter_class(config.model_type, name)
         try:
-            processor = AutoProcessor.from_pretrained(name, **hub)
+            processor = AutoProcessor.from_pretrained(name, trust_remote_code=False, **hub)
         except ImportError as exc:
             raise ModelLoadError(
                 f"the {adapter_cls.family} processor of {name!r} needs packages that are not "
@@ -120,9 +128,17 @@ class Generator:
                 dtype=torch_dtype,
                 device_map=device_map,
                 attn_implementation=attn_implementation,
+                use_safetensors=None if allow_pickle else True,
+                trust_remote_code=False,
                 **hub,
             )
         except (OSError, ValueError) as exc:
+            if not allow_pickle and _has_only_pickle_weights(name):
+                raise ModelLoadError(
+                    f"{name!r} has only pickled .bin weights and no safetensors; loading pickle "
+                    "can run arbitrary code. Convert it to safetensors, or pass "
+                    "allow_pickle=True if you trust this checkpoint"
+                ) from exc
             raise ModelLoadError(f"cannot load the weights of {name!r}: {exc}") from exc
         if target is not None:
             model.to(target)
@@ -206,7 +222,7 @@ class Generator:
         (``max_new_tokens=64``) applied on top of ``options``.
         """
         resolved = _options(options, overrides)
-        item = self._prepare(0, conversation, numbered=False)
+        item = self._prepare(0, conversation, resolved, numbered=False)
         with self._exclusive():
             results = runner.run_wave(
                 self.model, self._adapter, [item], resolved, 1, "raise", cache=self._cache
@@ -279,7 +295,7 @@ class Generator:
         Closing the iterator early stops generation.
         """
         resolved = _options(options, overrides)
-        item = self._prepare(0, conversation, numbered=False)
+        item = self._prepare(0, conversation, resolved, numbered=False)
         if item.error is not None:
             raise item.error
         return self._stream(item, resolved)
@@ -302,7 +318,7 @@ class Generator:
         BOS and expanded image tokens included; ``len()`` of it is the
         ``usage.prompt_tokens`` that :meth:`generate` reports.
         """
-        item = runner.prepare(self._adapter, 0, conversation, numbered=False)
+        item = self._prepare(0, conversation, None, numbered=False)
         if item.error is not None or item.inputs is None:
             raise item.error or ConversationError("conversation could not be encoded")
         ids: list[int] = item.inputs["input_ids"][0].tolist()
@@ -341,7 +357,7 @@ class Generator:
         total: int | None,
     ) -> Iterator[Result]:
         def prepare(index: int, conversation: object) -> runner.Prepared:
-            return self._prepare(index, conversation, numbered=True)
+            return self._prepare(index, conversation, options, numbered=True)
 
         with contextlib.ExitStack() as stack:
             pool = (
@@ -380,13 +396,22 @@ class Generator:
             self.model.config.get_text_config(), self.dtype, longest, free
         )
 
-    def _prepare(self, index: int, conversation: object, *, numbered: bool) -> runner.Prepared:
+    def _prepare(
+        self,
+        index: int,
+        conversation: object,
+        options: GenerationOptions | None,
+        *,
+        numbered: bool,
+    ) -> runner.Prepared:
         return runner.prepare(
             self._adapter,
             index,
             conversation,
             numbered=numbered,
             keep_images=self._cache is not None,
+            context=self._context if options is not None else None,
+            max_new_tokens=options.max_new_tokens if options is not None else 0,
         )
 
     @contextlib.contextmanager
@@ -419,6 +444,15 @@ def _check_batch_size(batch_size: object) -> None:
             f"batch_size must be an int >= 1 or 'auto', got {batch_size!r}",
             batch_size,
         )
+
+
+def _has_only_pickle_weights(name: str) -> bool:
+    if not os.path.isdir(name):
+        return False
+    files = os.listdir(name)
+    return any(f.endswith(".bin") for f in files) and not any(
+        f.endswith(".safetensors") for f in files
+    )
 
 
 def _looks_local(name: str) -> bool:

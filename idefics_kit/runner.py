@@ -81,8 +81,15 @@ def prepare(
     *,
     numbered: bool,
     keep_images: bool = False,
+    context: int | None = None,
+    max_new_tokens: int = 0,
 ) -> Prepared:
-    """Check, decode and encode one conversation; input errors are captured, not raised."""
+    """Check, decode and encode one conversation; input errors are captured, not raised.
+
+    With ``context`` (the model's position limit), a prompt that leaves no room
+    for ``max_new_tokens`` is an error: rotary models would run past their
+    context silently and produce garbage.
+    """
     try:
         try:
             if not isinstance(conversation, Conversation):
@@ -100,6 +107,14 @@ def prepare(
                     f"the {adapter.family} processor could not encode this conversation: "
                     f"{type(exc).__name__}: {exc}"
                 ) from exc
+            length = int(encoded["attention_mask"].sum())
+            if context is not None and length + max_new_tokens > context:
+                raise ConversationError(
+                    f"the prompt is {length} tokens and max_new_tokens is {max_new_tokens}: "
+                    f"{length + max_new_tokens} tokens exceed the model's context of {context} "
+                    "(max_position_embeddings); shorten the conversation, use fewer or smaller "
+                    "images, or lower max_new_tokens"
+                )
             kept = tuple((image_key(image), image) for image in images) if keep_images else ()
             return Prepared(index=index, inputs=dict(encoded), error=None, images=kept)
         except ImageLoadError as exc:

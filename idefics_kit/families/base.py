@@ -8,6 +8,7 @@ model must never generate. The engine does the rest, the same way for all.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Literal
@@ -16,6 +17,7 @@ import torch
 from PIL import Image
 
 from idefics_kit.conversation import Conversation, TextPart
+from idefics_kit.errors import ConversationError
 
 __all__ = [
     "END_OF_UTTERANCE",
@@ -58,6 +60,11 @@ class FamilyAdapter(ABC):
         )
         pad = self.tokenizer.pad_token_id
         self.pad_token_id: int = pad if pad is not None else self.stop_token_ids[0]
+        control = {t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        control.update(self.tokenizer.all_special_tokens)
+        # Longest first, so "<row_1_col_10>"-like names win over their prefixes.
+        ordered = sorted(control, key=len, reverse=True)
+        self._control_tokens = re.compile("|".join(map(re.escape, ordered))) if ordered else None
 
     @property
     def sequence_keys(self) -> dict[str, int]:
@@ -78,8 +85,30 @@ class FamilyAdapter(ABC):
     ) -> dict[str, Any]:
         """``inputs`` with the pixels replaced by precomputed per-image ``features``."""
 
-    def check(self, conversation: Conversation) -> None:  # noqa: B027 - optional hook
-        """Raise ``ConversationError`` for what this family cannot take; default: nothing."""
+    def check(self, conversation: Conversation) -> None:
+        """Raise ``ConversationError`` for what this family cannot take.
+
+        Text may not contain the tokenizer's control tokens (``<image>``,
+        ``<end_of_utterance>``, ``<s>`` ...): they would be read as real
+        tokens, letting user text add image slots or end a turn.
+        """
+        if self._control_tokens is None:
+            return
+        texts = [("the system prompt", conversation.system or "")]
+        for turn_index, turn in enumerate(conversation.turns):
+            texts += [
+                (f"turn {turn_index} ({turn.role}), part {part_index}", part.text)
+                for part_index, part in enumerate(turn.parts)
+                if isinstance(part, TextPart)
+            ]
+        for where, text in texts:
+            found = self._control_tokens.search(text)
+            if found:
+                raise ConversationError(
+                    f"{where} contains the model's control token {found.group()!r}; text "
+                    "cannot add image slots, end a turn or start a sequence. Remove it or "
+                    f"write it differently (e.g. {found.group().replace('<', '< ')!r})"
+                )
 
     def decode(self, token_ids: Sequence[int]) -> str:
         """Text of generated ids, special tokens removed."""

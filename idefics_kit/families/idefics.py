@@ -70,6 +70,7 @@ class IdeficsAdapter(FamilyAdapter):
         return features
 
     def check(self, conversation: Conversation) -> None:
+        super().check(conversation)
         # The processor downloads any string item that parses as a bare URL.
         for item in _prompt_items(conversation):
             if isinstance(item, str) and _processor_takes_as_url(item):
