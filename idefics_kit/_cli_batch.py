@@ -394,15 +394,17 @@ Outcome = Result | IdeficsKitError
 def answer_all(
     gen: Generator, conversations: Sequence[Conversation], options: GenerationOptions, size: int
 ) -> list[Outcome]:
-    """Answer as one batch; if that fails, one by one so only the failing input errs."""
+    """Answer as one batch; if that fails, one by one so only the failing input errs.
+
+    The one-by-one pass also gives the failing input its own error message
+    (a batch error names the index of the conversation in the batch).
+    """
     if not conversations:
         return []
     try:
         return list(gen.generate_batch(conversations, options, batch_size=size))
-    except IdeficsKitError as exc:
-        if len(conversations) == 1:
-            return [exc]
-    return [_answer_one(gen, conversation, options) for conversation in conversations]
+    except IdeficsKitError:
+        return [_answer_one(gen, conversation, options) for conversation in conversations]
 
 
 def _answer_one(gen: Generator, conversation: Conversation, options: GenerationOptions) -> Outcome:

@@ -50,6 +50,7 @@ _OPTION_NAMES = ("max_new_tokens", "temperature", "top_p", "stop", "seed")
 _FLAG_PARAMETERS = frozenset({*_OPTION_NAMES, "device", "dtype", "batch_size"})
 _EXAMPLE_MODEL = "HuggingFaceTB/SmolVLM-Instruct"
 _LABEL_WIDTH = len("tokens per image: ")
+_DEFAULTS = GenerationOptions()
 
 _MAIN_EPILOG = f"""\
 commands:
@@ -142,8 +143,10 @@ def _model_flags() -> _Parser:
         choices=("auto", "bfloat16", "float16", "float32"),
         help="weight dtype; auto: bfloat16/float16 on GPUs, float32 on the CPU (default: auto)",
     )
-    group.add_argument(
-        "--quiet", action="store_true", help="print nothing on stderr but errors (no progress)"
+    parent.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print nothing on stderr but errors (no progress bar, notes or warnings)",
     )
     return parent
 
@@ -152,7 +155,10 @@ def _generation_flags() -> _Parser:
     parent = _Parser(add_help=False)
     group = parent.add_argument_group("generation (defaults: GenerationOptions)")
     group.add_argument(
-        "--max-new-tokens", type=int, metavar="N", help="most tokens to generate (default: 256)"
+        "--max-new-tokens",
+        type=int,
+        metavar="N",
+        help=f"most tokens to generate (default: {_DEFAULTS.max_new_tokens})",
     )
     group.add_argument(
         "--temperature",
@@ -161,7 +167,10 @@ def _generation_flags() -> _Parser:
         help="0 means greedy decoding (the default); > 0 samples",
     )
     group.add_argument(
-        "--top-p", type=float, metavar="P", help="nucleus sampling in (0, 1] (default: 1.0)"
+        "--top-p",
+        type=float,
+        metavar="P",
+        help=f"nucleus sampling in (0, 1] (default: {_DEFAULTS.top_p})",
     )
     group.add_argument(
         "--stop",
@@ -424,7 +433,7 @@ def format_info(info: Mapping[str, Any]) -> str:
         "size": "image size",
         "max_image_size": "max image size",
         "do_image_splitting": "image splitting",
-        "image_size": "image size",
+        "image_size": "image side",
         "image_seq_len": "tokens per image",
     }
     lines += [(labels[name], _setting(value)) for name, value in info["image"].items()]
