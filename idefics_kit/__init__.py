@@ -6,6 +6,8 @@
 >>> gen.generate(conv, max_new_tokens=32).text  # doctest: +SKIP
 """
 
+from typing import TYPE_CHECKING
+
 from idefics_kit.conversation import Conversation, TextPart, Turn
 from idefics_kit.errors import (
     ConversationError,
@@ -18,11 +20,13 @@ from idefics_kit.errors import (
     RuntimeFailure,
     UsageError,
 )
-from idefics_kit.families.base import Family
-from idefics_kit.generator import Generator
+from idefics_kit.family import Family
 from idefics_kit.images import ImagePart
 from idefics_kit.options import GenerationOptions
 from idefics_kit.results import FinishReason, Result, Usage
+
+if TYPE_CHECKING:
+    from idefics_kit.generator import Generator
 
 __version__ = "0.1.0"
 
@@ -48,3 +52,13 @@ __all__ = [
     "UsageError",
     "__version__",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # Generator pulls in torch and transformers: load them on first use, so
+    # `import idefics_kit` (and `idefics-kit --help`) stays fast.
+    if name == "Generator":
+        from idefics_kit.generator import Generator
+
+        return Generator
+    raise AttributeError(f"module 'idefics_kit' has no attribute {name!r}")

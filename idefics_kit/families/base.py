@@ -11,13 +11,14 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from PIL import Image
 
 from idefics_kit.conversation import Conversation, TextPart
 from idefics_kit.errors import ConversationError
+from idefics_kit.family import Family
 
 __all__ = [
     "END_OF_UTTERANCE",
@@ -27,7 +28,6 @@ __all__ = [
     "LoadedImages",
 ]
 
-Family = Literal["idefics", "idefics2", "idefics3", "smolvlm"]
 LoadedImages = Sequence[Image.Image]
 """One conversation's decoded images, in order of appearance."""
 
