@@ -10,7 +10,9 @@ object per input line, in input order, appended and fsync'd row by row::
 A bad line gets an error row (``text``/``finish_reason``/``usage`` null,
 ``error`` = ``{"type": ..., "message": ...}``); a line whose id cannot be read
 gets ``"id": null`` and ``"line": N``. Rerunning the same command skips the
-inputs whose rows are already in the output file.
+inputs whose rows are already in the output file. The answering itself
+(checks, image decoding, length-aware batches, per-input errors) is
+:meth:`Generator.iter_batch`.
 """
 
 from __future__ import annotations
@@ -18,45 +20,45 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import threading
 import time
+from collections import abc, deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import TracebackType
-from typing import Any, BinaryIO, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
-from tqdm import tqdm
-
-from idefics_kit._cli_common import PROG, CliExit
-from idefics_kit.conversation import Conversation, Turn
+from idefics_kit._cli_common import PROG, CliExit, cli_message
+from idefics_kit.conversation import Conversation, Part, Turn
 from idefics_kit.errors import IdeficsKitError, UsageError
-from idefics_kit.generator import Generator
 from idefics_kit.images import ImagePart
 from idefics_kit.options import GenerationOptions
 from idefics_kit.results import Result
+
+if TYPE_CHECKING:
+    from idefics_kit.generator import Generator
 
 __all__ = [
     "BatchJob",
     "Done",
     "Record",
     "RecordError",
-    "answer_all",
+    "answer",
+    "conversation_of",
     "error_row",
     "find_duplicate",
     "parse_record",
     "read_done",
-    "ready_conversation",
     "result_row",
     "run_batch",
-    "run_window",
-    "windows",
 ]
 
 Row = dict[str, Any]
 
 _UTF8_BOM = b"\xef\xbb\xbf"
+_BATCH_POSITION = re.compile(r"conversation \d+: ")
 
 
 class RecordError(UsageError):
@@ -83,39 +85,29 @@ def _json_type(value: object) -> str:
 
 def parse_record(line: int, raw: bytes) -> Record:
     """Parse one input line; a malformed line gives a Record carrying a RecordError."""
+
+    def bad(message: str, record_id: str | None = None) -> Record:
+        return Record(line, record_id, error=RecordError(f"line {line}: {message}"))
+
     try:
-        text = raw.decode("utf-8")
+        obj = json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
-        return Record(line, None, error=RecordError(f"line {line}: not UTF-8 text ({exc})"))
-    try:
-        obj = json.loads(text)
+        return bad(f"not UTF-8 text ({exc})")
     except (ValueError, RecursionError) as exc:
-        return Record(line, None, error=RecordError(f"line {line}: invalid JSON ({exc})"))
+        return bad(f"invalid JSON ({exc})")
     if not isinstance(obj, dict):
-        return Record(
-            line,
-            None,
-            error=RecordError(
-                f'line {line}: expected a JSON object {{"id": ..., "messages": [...]}}, '
-                f"got a JSON {_json_type(obj)}"
-            ),
+        return bad(
+            f'expected a JSON object {{"id": ..., "messages": [...]}}, got a JSON {_json_type(obj)}'
         )
     record_id = obj.get("id")
     if not isinstance(record_id, str) or not record_id:
         got = "no id" if "id" not in obj else f"a JSON {_json_type(record_id)} {record_id!r}"
-        return Record(
-            line,
-            None,
-            error=RecordError(f'line {line}: "id" must be a non-empty string, got {got}'),
-        )
+        return bad(f'"id" must be a non-empty string, got {got}')
     if "messages" not in obj:
-        return Record(
-            line,
+        return bad(
+            'no "messages" key; expected a list of chat messages '
+            f"(Conversation.to_messages() format), found keys {sorted(obj)}",
             record_id,
-            error=RecordError(
-                f'line {line}: no "messages" key; expected a list of chat messages '
-                f"(Conversation.to_messages() format), found keys {sorted(obj)}"
-            ),
         )
     return Record(line, record_id, messages=obj["messages"])
 
@@ -259,17 +251,6 @@ class RowWriter:
     def close(self) -> None:
         self._file.close()
 
-    def __enter__(self) -> RowWriter:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
 
 @contextlib.contextmanager
 def _sigint_deferred() -> Iterator[None]:
@@ -308,7 +289,9 @@ def _row(record: Record, **fields: Any) -> Row:
 
 
 def result_row(record: Record, result: Result) -> Row:
-    """The output row of an answered input."""
+    """The output row of an input: its answer, or its error when ``result.error`` is set."""
+    if result.error is not None:
+        return error_row(record, result.error)
     return _row(
         record,
         text=result.text,
@@ -322,116 +305,85 @@ def result_row(record: Record, result: Result) -> Row:
 
 
 def error_row(record: Record, exc: BaseException) -> Row:
-    """The output row of an input that failed with ``exc``."""
+    """The output row of an input that failed with ``exc``.
+
+    The ``conversation N: `` prefix of a batch error is dropped: N is the
+    input's position in one run, and the row's id already says which input.
+    """
+    message = _BATCH_POSITION.sub("", cli_message(str(exc)), count=1)
     return _row(
         record,
         text=None,
         finish_reason=None,
         usage=None,
-        error={"type": type(exc).__name__, "message": str(exc)},
+        error={"type": type(exc).__name__, "message": message},
     )
 
 
 # -- answering --------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    """A pending input, checked: a ready conversation or the error that rules it out."""
-
-    record: Record
-    conversation: Conversation | None
-    error: IdeficsKitError | None
-
-
-def ready_conversation(messages: Any) -> Conversation:
-    """Parse and check ``messages``, decoding every image now (each image is decoded once).
-
-    Raises an IdeficsKitError (ConversationError, ImageLoadError...) for a bad input.
-    """
+def conversation_of(messages: Any, *, allow_private_network: bool = False) -> Conversation:
+    """``Conversation.from_messages``; with ``allow_private_network``, URL images may come
+    from loopback and private addresses too (see ``ImagePart.from_url``)."""
     conversation = Conversation.from_messages(messages)
-    conversation.validate()
+    if not allow_private_network:
+        return conversation
     turns = tuple(
-        Turn(
-            role=turn.role,
-            parts=tuple(
-                ImagePart.from_pil(part.load()) if isinstance(part, ImagePart) else part
-                for part in turn.parts
-            ),
-        )
+        Turn(role=turn.role, parts=tuple(_trusted(part) for part in turn.parts))
         for turn in conversation.turns
     )
     return Conversation(system=conversation.system, turns=turns)
 
 
-def check_item(record: Record) -> Item:
-    """Turn a record into an Item, catching the input's own errors."""
-    if record.error is not None:
-        return Item(record, None, record.error)
-    try:
-        return Item(record, ready_conversation(record.messages), None)
-    except IdeficsKitError as exc:
-        return Item(record, None, exc)
+def _trusted(part: Part) -> Part:
+    if isinstance(part, ImagePart) and part.kind == "url":
+        return ImagePart.from_url(part.to_message_content()["url"], allow_private_network=True)
+    return part
 
 
-def windows(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
-    """Consecutive runs of items holding ``size`` good ones each (the last may hold fewer)."""
-    window: list[Item] = []
-    good = 0
-    for item in items:
-        window.append(item)
-        good += item.conversation is not None
-        if good == size:
-            yield window
-            window, good = [], 0
-    if window:
-        yield window
+def answer(
+    gen: Generator,
+    records: Iterable[Record],
+    options: GenerationOptions,
+    *,
+    batch_size: int,
+    trust: bool = False,
+) -> abc.Generator[Row, None, None]:
+    """The row of every record, in order.
 
-
-Outcome = Result | IdeficsKitError
-
-
-def answer_all(
-    gen: Generator, conversations: Sequence[Conversation], options: GenerationOptions, size: int
-) -> list[Outcome]:
-    """Answer as one batch; if that fails, one by one so only the failing input errs.
-
-    The one-by-one pass also gives the failing input its own error message
-    (a batch error names the index of the conversation in the batch).
+    A record whose line or messages cannot be parsed gets its error row here;
+    the others go through ``gen.iter_batch``, which checks, decodes, batches
+    and answers them, giving a failing input its own error result. ``trust``:
+    URL images may come from private addresses (``--allow-private-network``).
     """
-    if not conversations:
-        return []
-    try:
-        return list(gen.generate_batch(conversations, options, batch_size=size))
-    except IdeficsKitError:
-        return [_answer_one(gen, conversation, options) for conversation in conversations]
+    # Every record read, in order, with the error that kept it from the model.
+    # iter_batch reads ahead, so results come after the records they follow.
+    waiting: deque[tuple[Record, IdeficsKitError | None]] = deque()
 
+    def conversations() -> Iterator[Conversation]:
+        for record in records:
+            try:
+                if record.error is not None:
+                    raise record.error
+                conversation = conversation_of(record.messages, allow_private_network=trust)
+            except IdeficsKitError as exc:
+                waiting.append((record, exc))
+            else:
+                waiting.append((record, None))
+                yield conversation
 
-def _answer_one(gen: Generator, conversation: Conversation, options: GenerationOptions) -> Outcome:
-    try:
-        return gen.generate(conversation, options)
-    except IdeficsKitError as exc:
-        return exc
+    def rejected() -> Iterator[Row]:
+        while waiting and waiting[0][1] is not None:
+            record, error = waiting.popleft()
+            assert error is not None
+            yield error_row(record, error)
 
-
-def run_window(
-    gen: Generator, window: Sequence[Item], options: GenerationOptions, size: int
-) -> list[Row]:
-    """The rows of a window, in input order."""
-    good = [item.conversation for item in window if item.conversation is not None]
-    outcomes = iter(answer_all(gen, good, options, size))
-    rows = []
-    for item in window:
-        outcome: Outcome | None = item.error if item.conversation is None else next(outcomes)
-        if isinstance(outcome, Result) and outcome.error is not None:
-            outcome = outcome.error
-        assert outcome is not None
-        rows.append(
-            result_row(item.record, outcome)
-            if isinstance(outcome, Result)
-            else error_row(item.record, outcome)
-        )
-    return rows
+    results = gen.iter_batch(conversations(), options, batch_size=batch_size, on_error="return")
+    for result in results:
+        yield from rejected()
+        yield result_row(waiting.popleft()[0], result)
+    yield from rejected()
 
 
 # -- progress ----------------------------------------------------------------------
@@ -441,6 +393,8 @@ class Progress:
     """A tqdm bar on stderr: items, items/s, ETA, and generated tokens/s as postfix."""
 
     def __init__(self, total: int, *, enabled: bool, err: TextIO) -> None:
+        from tqdm import tqdm
+
         self._bar: Any = tqdm(
             total=total, unit="item", file=err, disable=not enabled, dynamic_ncols=True
         )
@@ -448,16 +402,14 @@ class Progress:
         self.tokens = 0
         self.errors = 0
 
-    def advance(self, rows: Sequence[Row]) -> None:
-        for row in rows:
-            usage = row["usage"]
-            if usage is None:
-                self.errors += 1
-            else:
-                self.tokens += int(usage["completion_tokens"])
+    def advance(self, row: Row) -> None:
+        if row["usage"] is None:
+            self.errors += 1
+        else:
+            self.tokens += int(row["usage"]["completion_tokens"])
         elapsed = max(time.monotonic() - self._start, 1e-9)
         self._bar.set_postfix_str(f"{self.tokens / elapsed:.1f} tok/s", refresh=False)
-        self._bar.update(len(rows))
+        self._bar.update()
 
     def close(self) -> None:
         self._bar.close()
@@ -475,6 +427,7 @@ class BatchJob:
     options: GenerationOptions
     batch_size: int
     quiet: bool
+    allow_private_network: bool = False
 
 
 def _notifier(quiet: bool, err: TextIO) -> Callable[[str], None]:
@@ -505,10 +458,20 @@ def run_batch(job: BatchJob, load: Callable[[], Generator], err: TextIO) -> int:
     if done.rows:
         note(f"resuming: {len(index) - pending} of {len(index)} inputs already in {job.output}")
     gen = load()
-    with RowWriter(job.output) as writer:
+    records = (r for r in read_records(job.input) if not done.has(r.line, r.id))
+    rows = answer(
+        gen,
+        records,
+        job.options,
+        batch_size=job.batch_size,
+        trust=job.allow_private_network,
+    )
+    with contextlib.closing(RowWriter(job.output)) as writer, contextlib.closing(rows):
         progress = Progress(pending, enabled=not job.quiet, err=err)
         try:
-            _answer_pending(gen, job, done, writer, progress)
+            for row in rows:
+                writer.write(row)
+                progress.advance(row)
         except KeyboardInterrupt:
             raise CliExit(
                 f"interrupted; {writer.count} rows written to {job.output} "
@@ -523,15 +486,3 @@ def run_batch(job: BatchJob, load: Callable[[], Generator], err: TextIO) -> int:
         f"{done.rows} were already there)"
     )
     return 0
-
-
-def _answer_pending(
-    gen: Generator, job: BatchJob, done: Done, writer: RowWriter, progress: Progress
-) -> None:
-    """Answer the inputs without a row, window by window, writing rows in input order."""
-    records = (r for r in read_records(job.input) if not done.has(r.line, r.id))
-    for window in windows(map(check_item, records), job.batch_size):
-        rows = run_window(gen, window, job.options, job.batch_size)
-        for row in rows:
-            writer.write(row)
-        progress.advance(rows)

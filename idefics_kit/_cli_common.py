@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PROG", "CliExit", "one_line"]
+__all__ = ["PROG", "CliExit", "cli_message", "one_line"]
 
 PROG = "idefics-kit"
 
@@ -29,3 +29,8 @@ class CliExit(Exception):
 def one_line(message: str) -> str:
     """``message`` with every run of whitespace (newlines included) made one space."""
     return " ".join(message.split())
+
+
+def cli_message(message: str) -> str:
+    """An SDK error message in the CLI's terms: its keyword hints become flag hints."""
+    return message.replace("pass allow_private_network=True", "pass --allow-private-network")

@@ -18,19 +18,20 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TextIO
-
-import torch
+from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from idefics_kit import __version__
 from idefics_kit._cli_batch import BatchJob, run_batch
-from idefics_kit._cli_common import PROG, CliExit, one_line
+from idefics_kit._cli_common import PROG, CliExit, cli_message, one_line
 from idefics_kit.conversation import Conversation
 from idefics_kit.errors import IdeficsKitError, InvalidParameterError
-from idefics_kit.generator import Generator
 from idefics_kit.images import ImagePart
 from idefics_kit.options import GenerationOptions
 from idefics_kit.results import Result
+
+if TYPE_CHECKING:
+    # torch and transformers load only when a command runs, so --help is fast.
+    from idefics_kit.generator import Generator
 
 __all__ = [
     "answer_json",
@@ -69,7 +70,8 @@ Run '{PROG} COMMAND --help' for the flags of a command.
 _ASK_EPILOG = f"""\
 Images come first in the user turn, in the order given, then the question.
 An --image starting with http:// or https:// is downloaded; anything else is
-a file path.
+a file path. URLs are fetched only from public internet addresses unless
+--allow-private-network is given.
 
 examples:
   {PROG} ask --model {_EXAMPLE_MODEL} --image dog.jpg "What breed is this dog?"
@@ -88,7 +90,9 @@ output: one JSON object per input line, in input order:
    "usage": {{"prompt_tokens": 41, "completion_tokens": 7}}, "error": null}}
 A bad line gets a row with "error": {{"type": ..., "message": ...}} and the rest go on.
 Rows are appended and flushed one by one: after a crash or Ctrl-C, rerun the
-same command to resume (ids already in the output are skipped).
+same command to resume (ids already in the output are skipped). Image URLs
+are fetched only from public internet addresses unless --allow-private-network
+is given.
 
 examples:
   {PROG} batch --model {_EXAMPLE_MODEL} questions.jsonl -o answers.jsonl
@@ -184,6 +188,18 @@ def _generation_flags() -> _Parser:
     return parent
 
 
+def _network_flag() -> _Parser:
+    parent = _Parser(add_help=False)
+    parent.add_argument(
+        "--allow-private-network",
+        action="store_true",
+        help="also download image URLs from loopback, private, link-local and cloud-metadata "
+        "addresses (refused by default so that URLs cannot reach internal services; use it "
+        "only when you trust every URL)",
+    )
+    return parent
+
+
 def _json_flag(help_text: str) -> _Parser:
     parent = _Parser(add_help=False)
     parent.add_argument("--json", action="store_true", help=help_text)
@@ -201,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    model, generation = _model_flags(), _generation_flags()
+    model, generation, network = _model_flags(), _generation_flags(), _network_flag()
 
     ask = commands.add_parser(
         "ask",
@@ -212,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[
             model,
             generation,
+            network,
             _json_flag("print one JSON object (text, finish_reason, usage) instead of streaming"),
         ],
     )
@@ -231,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer every conversation of a JSONL file; write one JSON row per line.",
         epilog=_BATCH_EPILOG,
         formatter_class=formatter,
-        parents=[model, generation],
+        parents=[model, generation, network],
     )
     batch.add_argument("input", type=Path, help="input JSONL file")
     batch.add_argument(
@@ -284,22 +301,29 @@ def _require_model(args: argparse.Namespace) -> str:
 
 
 def _load_generator(model: str, args: argparse.Namespace) -> Generator:
+    from idefics_kit.generator import Generator
+
     return Generator.from_pretrained(model, device=args.device, dtype=args.dtype)
 
 
 # -- ask -------------------------------------------------------------------------------
 
 
-def image_part(source: str) -> ImagePart:
+def image_part(source: str, *, allow_private_network: bool = False) -> ImagePart:
     """``ImagePart.from_url`` for an http(s) URL, else ``ImagePart.from_path``."""
     if source.lower().startswith(("http://", "https://")):
-        return ImagePart.from_url(source)
+        return ImagePart.from_url(source, allow_private_network=allow_private_network)
     return ImagePart.from_path(source)
 
 
-def ask_conversation(images: Sequence[str], question: str) -> Conversation:
+def ask_conversation(
+    images: Sequence[str], question: str, *, allow_private_network: bool = False
+) -> Conversation:
     """One user turn: the images in order, then the question; images are decoded now."""
-    parts = [ImagePart.from_pil(image_part(source).load()) for source in images]
+    parts = [
+        ImagePart.from_pil(image_part(source, allow_private_network=allow_private_network).load())
+        for source in images
+    ]
     return Conversation().user(*parts, question)
 
 
@@ -331,7 +355,9 @@ def answer_json(result: Result) -> dict[str, Any]:
 def _cmd_ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     model = _require_model(args)
     options = generation_options(args)
-    conversation = ask_conversation(args.image, args.question)
+    conversation = ask_conversation(
+        args.image, args.question, allow_private_network=args.allow_private_network
+    )
     gen = _load_generator(model, args)
     if args.json:
         print(
@@ -354,6 +380,7 @@ def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         options=generation_options(args),
         batch_size=args.batch_size,
         quiet=args.quiet,
+        allow_private_network=args.allow_private_network,
     )
     return run_batch(job, lambda: _load_generator(model, args), err)
 
@@ -480,6 +507,12 @@ def _flag_error(exc: InvalidParameterError) -> str:
     return str(exc)
 
 
+def _out_of_memory(exc: Exception) -> bool:
+    # Only a loaded torch can have raised its OutOfMemoryError: no import here.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(exc, torch.OutOfMemoryError)
+
+
 def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     """Run the chosen command; turn user errors into one stderr line and an exit code."""
     command: Callable[[argparse.Namespace, TextIO, TextIO], int] = args.run
@@ -493,9 +526,11 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         print(f"{PROG}: error: {one_line(_flag_error(exc))}", file=err)
         return 2
     except IdeficsKitError as exc:
-        print(f"{PROG}: error: {one_line(str(exc))}", file=err)
+        print(f"{PROG}: error: {one_line(cli_message(str(exc)))}", file=err)
         return 1
-    except torch.OutOfMemoryError as exc:
+    except Exception as exc:
+        if not _out_of_memory(exc):
+            raise
         print(
             f"{PROG}: error: out of memory ({one_line(str(exc))[:200]}); lower "
             "--batch-size or --max-new-tokens, or pick another --dtype/--device",

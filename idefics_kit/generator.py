@@ -267,7 +267,7 @@ class Generator:
         progress: bool = False,
         window: int | None = None,
         **overrides: Any,
-    ) -> Iterator[Result]:
+    ) -> abc.Generator[Result, None, None]:
         """Like :meth:`generate_batch`, for jobs too large to hold in memory.
 
         Reads ``conversations`` lazily, ``window`` at a time (default: four
@@ -335,7 +335,7 @@ class Generator:
         on_error: OnError,
         progress: bool,
         window: int,
-    ) -> Iterator[Result]:
+    ) -> abc.Generator[Result, None, None]:
         # Arguments are checked here, eagerly, not when the iterator starts.
         resolved = _options(options, overrides)
         _check_batch_size(batch_size)
@@ -355,18 +355,17 @@ class Generator:
         progress: bool,
         window: int,
         total: int | None,
-    ) -> Iterator[Result]:
+    ) -> abc.Generator[Result, None, None]:
         def prepare(index: int, conversation: object) -> runner.Prepared:
             return self._prepare(index, conversation, options, numbered=True)
 
         with contextlib.ExitStack() as stack:
-            pool = (
-                None
-                if total is not None and total <= 1
-                else stack.enter_context(
-                    ThreadPoolExecutor(max_workers=2, thread_name_prefix="idefics-kit-prepare")
-                )
-            )
+            pool = None
+            if total is None or total > 1:
+                pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="idefics-kit-prepare")
+                # On close or error, drop queued work instead of waiting for
+                # downloads and decodes nobody will read.
+                stack.callback(pool.shutdown, wait=False, cancel_futures=True)
             bar = stack.enter_context(ProgressBar(total, enabled=progress))
             for wave in runner.prepared_waves(conversations, prepare, max(1, window), pool):
                 size = self._batch_size(batch_size, wave, options)

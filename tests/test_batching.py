@@ -180,3 +180,24 @@ def test_estimate_batch_size() -> None:
     assert estimate_batch_size(config, torch.bfloat16, 1000, free) == expected
     assert estimate_batch_size(config, torch.bfloat16, 10**9, free) == 1
     assert estimate_batch_size(config, torch.bfloat16, 1, 10**15) == 256
+
+
+def test_closing_iter_batch_does_not_wait_for_queued_preparation(
+    gen: Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import time
+
+    from idefics_kit import runner
+
+    real = runner.prepare
+
+    def slow(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.2)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "prepare", slow)
+    results = gen.iter_batch(iter([A] * 40), max_new_tokens=2, window=20)
+    next(results)
+    start = time.perf_counter()
+    results.close()
+    assert time.perf_counter() - start < 1.5  # not 20 queued items x 0.2 s / 2 threads

@@ -7,6 +7,8 @@ parsing, option building, row formatting and resume logic are checked in-process
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import io
 import json
 import os
@@ -14,8 +16,9 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,17 +36,16 @@ from idefics_kit import (
 )
 from idefics_kit._cli_batch import (
     Done,
-    Item,
     Record,
     RecordError,
     RowWriter,
+    answer,
+    conversation_of,
     error_row,
     find_duplicate,
     parse_record,
     read_done,
     result_row,
-    run_window,
-    windows,
 )
 from idefics_kit.cli import (
     build_parser,
@@ -70,11 +72,12 @@ SLOW_CLI = [
     "-c",
     "import sys, time\n"
     "from idefics_kit.generator import Generator\n"
-    "original = Generator.generate_batch\n"
+    "original = Generator.iter_batch\n"
     "def slow(self, *args, **kwargs):\n"
-    "    time.sleep(0.3)\n"
-    "    return original(self, *args, **kwargs)\n"
-    "Generator.generate_batch = slow\n"
+    "    for result in original(self, *args, **kwargs):\n"
+    "        time.sleep(0.3)\n"
+    "        yield result\n"
+    "Generator.iter_batch = slow\n"
     "from idefics_kit.cli import main\n"
     "raise SystemExit(main())\n",
 ]
@@ -198,6 +201,9 @@ def test_every_generation_flag_builds_options() -> None:
     plain = parser.parse_args(["batch", "in.jsonl", "-o", "out.jsonl"])
     assert generation_options(plain) == GenerationOptions()
     assert (plain.batch_size, plain.model, plain.device, plain.dtype) == (8, None, "auto", "auto")
+    assert not plain.allow_private_network
+    trusting = parser.parse_args(["batch", "i", "-o", "o", "--allow-private-network"])
+    assert trusting.allow_private_network
     assert parser.parse_args(["batch", "i", "-o", "o", "--batch-size", "3"]).batch_size == 3
     with pytest.raises(InvalidParameterError, match="top_p"):
         generation_options(parser.parse_args(["ask", "--top-p", "1.5", "q"]))
@@ -205,6 +211,8 @@ def test_every_generation_flag_builds_options() -> None:
 
 def test_image_argument_kind() -> None:
     assert image_part("https://example.com/a.png").kind == "url"
+    assert not image_part("https://example.com/a.png").allow_private_network
+    assert image_part("https://h/a.png", allow_private_network=True).allow_private_network
     assert image_part("HTTP://example.com/a.png").kind == "url"
     assert image_part("dir/http_cat.png").kind == "path"
 
@@ -373,6 +381,76 @@ def test_failures_exit_with_one_clear_line(
         assert proc.stdout == b""
 
 
+# -- private network addresses ---------------------------------------------------------
+
+
+@pytest.fixture
+def local_png(pictures: list[Path]) -> Iterator[str]:
+    """The URL of a PNG served by an HTTP server on 127.0.0.1 (a loopback address)."""
+    data = pictures[0].read_bytes()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # keep stderr for the CLI
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/x.png"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def test_private_network_urls_need_the_flag(
+    checkpoints: dict[str, Path],
+    cpu_gens: dict[str, Generator],
+    pictures: list[Path],
+    local_png: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    model = ["--model", str(checkpoints["idefics2"]), *CPU, "--max-new-tokens", "6", "--quiet"]
+    ask = ["ask", *model, "--json", "--image", local_png, QUESTION]
+    assert main(ask) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.splitlines()
+    assert len(lines) == 1, captured.err
+    assert lines[0].startswith(f"idefics-kit: error: refusing to fetch {local_png}: ")
+    assert "private/loopback address" in lines[0]
+    assert lines[0].endswith("pass --allow-private-network for trusted setups")
+
+    expected = cpu_gens["idefics2"].generate(
+        Conversation().user(ImagePart.from_path(pictures[0]), QUESTION), max_new_tokens=6
+    )
+    assert main([*ask, "--allow-private-network"]) == 0
+    captured = capsys.readouterr()
+    assert (json.loads(captured.out)["text"], captured.err) == (expected.text, "")
+
+    source = tmp_path / "in.jsonl"
+    messages = user({"type": "image", "url": local_png}, text(QUESTION))
+    source.write_text(messages_line("u", messages) + "\n")
+    refused, trusted = tmp_path / "refused.jsonl", tmp_path / "trusted.jsonl"
+    assert main(["batch", *model, str(source), "-o", str(refused)]) == 0
+    assert main(["batch", *model, "--allow-private-network", str(source), "-o", str(trusted)]) == 0
+    assert capsys.readouterr().err == ""
+    (row,) = read_rows(refused)
+    assert row["error"]["type"] == "ImageLoadError"
+    assert row["error"]["message"].startswith(f"refusing to fetch {local_png}: ")
+    assert "pass --allow-private-network" in row["error"]["message"]
+    assert read_rows(trusted) == [row_of("u", expected)]
+
+
 # -- info --------------------------------------------------------------------------------
 
 
@@ -427,7 +505,7 @@ def test_model_info_every_family(family: str, cpu_gens: dict[str, Generator]) ->
     assert format_info(info).splitlines()[1] == f"family:           {family}"
 
 
-# -- batch: rows, windows, fallback (in-process) -------------------------------------------------
+# -- batch: records, rows, answering (in-process) -------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -469,34 +547,65 @@ def test_find_duplicate() -> None:
     assert find_duplicate([(1, "a"), (2, "b"), (3, "b"), (4, "a"), (5, "b")]) == ("b", [2, 3, 5])
 
 
-def test_windows_hold_batch_size_good_items() -> None:
-    good = [Item(Record(i, str(i)), Conversation().user("x"), None) for i in range(5)]
-    bad = [Item(Record(10 + i, None), None, ConversationError("x")) for i in range(3)]
-    items = [bad[0], good[0], good[1], bad[1], good[2], good[3], good[4], bad[2]]
-    assert [[item.record.line for item in w] for w in windows(items, 2)] == [
-        [10, 0, 1], [11, 2, 3], [4, 12]
-    ]  # fmt: skip
-
-
-def test_failing_batch_falls_back_to_single_items(cpu_gens: dict[str, Generator]) -> None:
+def test_answer_keeps_order_and_gives_each_failure_its_row(
+    cpu_gens: dict[str, Generator], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The IDEFICS 1 adapter refuses text that its processor would fetch as a
-    # URL: conv.validate() passes, generate_batch raises for the whole batch.
+    # URL: Conversation.from_messages accepts it, iter_batch fails that input alone.
     gen = cpu_gens["idefics"]
-    convs = [
-        Conversation().user("Describe a dog."),
-        Conversation().user(picture(20, 20, seed=1), "http://x.org/a.png"),
-        Conversation().user("Count to three."),
+    photo = ImagePart.from_pil(picture(20, 20, seed=1)).to_message_content()
+    records = [
+        Record(1, "r1", user(text("Describe a dog."))),
+        Record(2, None, error=RecordError("line 2: invalid JSON")),
+        Record(3, "bad-role", [{"role": "robot", "content": "hi"}]),
+        Record(4, "url-text", user(photo, text("http://x.org/a.png"))),
+        Record(5, "r5", user(text("Count to three."))),
+        Record(6, "no-messages", error=RecordError('line 6: no "messages" key')),
     ]
-    with pytest.raises(ConversationError):
-        gen.generate_batch(convs, max_new_tokens=4)
-    window = [Item(Record(i + 1, f"r{i}"), conv, None) for i, conv in enumerate(convs)]
-    rows = run_window(gen, window, GenerationOptions(max_new_tokens=4), 3)
-    assert rows[0] == row_of("r0", gen.generate(convs[0], max_new_tokens=4))
-    assert rows[2] == row_of("r2", gen.generate(convs[2], max_new_tokens=4))
-    assert rows[1]["error"]["type"] == "ConversationError"
-    assert "fetched as an image URL" in rows[1]["error"]["message"]
-    assert not rows[1]["error"]["message"].startswith("conversation ")
-    assert rows[1]["text"] is rows[1]["usage"] is None
+    sent: list[Conversation] = []
+    original = gen.iter_batch
+
+    def spy(conversations: Iterator[Conversation], *args: Any, **kwargs: Any) -> Any:
+        assert kwargs["on_error"] == "return"
+        return original((sent.append(c) or c for c in conversations), *args, **kwargs)
+
+    monkeypatch.setattr(gen, "iter_batch", spy)
+    options = GenerationOptions(max_new_tokens=4)
+    rows = list(answer(gen, records, options, batch_size=2))
+    assert [row["id"] for row in rows] == [record.id for record in records]
+    assert len(sent) == 3  # bad lines and bad messages never reach the SDK
+    monkeypatch.undo()
+    assert rows[0] == row_of("r1", gen.generate(Conversation.from_messages(records[0].messages),
+                                                 options))  # fmt: skip
+    assert rows[4] == row_of("r5", gen.generate(Conversation.from_messages(records[4].messages),
+                                                 options))  # fmt: skip
+    assert rows[1] == {
+        "id": None, "line": 2, "text": None, "finish_reason": None, "usage": None,
+        "error": {"type": "RecordError", "message": "line 2: invalid JSON"},
+    }  # fmt: skip
+    assert rows[2]["error"]["type"] == "ConversationError"
+    assert rows[2]["error"]["message"].startswith("messages[0]['role'] must be one of")
+    assert rows[3]["error"]["type"] == "ConversationError"
+    assert "fetched as an image URL" in rows[3]["error"]["message"]
+    # The SDK names the input by its position ("conversation 1: "); the row's id does.
+    assert not rows[3]["error"]["message"].startswith("conversation ")
+    assert rows[3]["text"] is rows[3]["usage"] is None
+    assert rows[5]["error"]["type"] == "RecordError"
+
+
+def test_conversation_of_trusts_url_images_only_when_asked() -> None:
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        *user(image("a.png"), {"type": "image", "url": "http://10.0.0.1/b.png"}, text("Same?")),
+    ]
+    plain = conversation_of(messages)
+    assert plain == Conversation.from_messages(messages)
+    assert not any(part.allow_private_network for part in plain.images())
+    trusted = conversation_of(messages, allow_private_network=True)
+    assert trusted.to_messages() == plain.to_messages()
+    assert [(part.kind, part.allow_private_network) for part in trusted.images()] == [
+        ("path", False), ("url", True)
+    ]  # fmt: skip
 
 
 def test_read_done_cuts_a_partial_line_and_rejects_foreign_files(tmp_path: Path) -> None:
@@ -542,7 +651,7 @@ def test_ctrl_c_waits_for_the_row_being_written(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", fsync_hit_by_ctrl_c)
-    with RowWriter(out) as writer:
+    with contextlib.closing(RowWriter(out)) as writer:
         with pytest.raises(KeyboardInterrupt):
             writer.write({"id": "a", "text": "é"})
         assert writer.count == 1
