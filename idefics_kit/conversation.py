@@ -14,6 +14,7 @@ Conversations convert to and from the usual chat-message format with
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
@@ -42,6 +43,30 @@ _TURN_ROLES: tuple[TurnRole, ...] = ("user", "assistant")
 _ROLES: tuple[Role, ...] = ("system", "user", "assistant")
 _BLOCK_TYPES = ("text", "image")
 _ACCEPTED_PARTS = "str, TextPart, ImagePart, PIL.Image.Image, numpy.ndarray"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_REPR_LIMIT = 60
+
+
+def _surrogate_problem(text: str) -> str | None:
+    """Why ``text`` is not valid Unicode (a lone surrogate), or None.
+
+    Such a str (from ``errors="surrogateescape"`` decoding or a bad JSON
+    escape like ``"\\ud800"``) cannot be encoded as UTF-8, so no tokenizer can
+    take it.
+    """
+    found = _SURROGATE.search(text)
+    if found is None:
+        return None
+    return (
+        f"contains the lone surrogate U+{ord(found.group()):04X} at index {found.start()}, "
+        "which is not valid Unicode text; decode the input with errors='replace' or remove it"
+    )
+
+
+def _short_repr(value: object) -> str:
+    """repr(value), cut to a readable length for error messages."""
+    text = repr(value)
+    return text if len(text) <= _REPR_LIMIT else f"{text[: _REPR_LIMIT - 3]}..."
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -53,6 +78,9 @@ class TextPart:
     def __post_init__(self) -> None:
         if not isinstance(self.text, str):
             raise ConversationError(f"TextPart.text must be a str, got {type(self.text).__name__}")
+        problem = _surrogate_problem(self.text)
+        if problem is not None:
+            raise ConversationError(f"TextPart.text {problem}")
 
 
 Part: TypeAlias = TextPart | ImagePart
@@ -97,7 +125,7 @@ def _coerce_parts(method: str, parts: tuple[object, ...]) -> tuple[Part, ...]:
         if isinstance(part, str):
             # An empty string adds nothing once texts are concatenated.
             if part:
-                coerced.append(TextPart(text=part))
+                coerced.append(_text_part(part, f"{method}() argument {index} (0-based)"))
         elif isinstance(part, TextPart):
             if part.text:
                 coerced.append(part)
@@ -131,53 +159,63 @@ def _type_name(value: object) -> str:
     return type(value).__name__
 
 
+def _text_part(text: str, where: str) -> TextPart:
+    """A TextPart whose construction error, if any, names ``where`` the text came from."""
+    try:
+        return TextPart(text=text)
+    except ConversationError as exc:
+        raise ConversationError(f"{where}: {exc}") from exc
+
+
 def _parse_content(content: object, where: str, *, text_only: bool) -> tuple[Part, ...]:
     """Parse a message's content (a str or a list of blocks) into parts."""
     if isinstance(content, str):
-        return (TextPart(text=content),) if content else ()
+        return (_text_part(content, f"{where}['content']"),) if content else ()
     if not isinstance(content, (list, tuple)):
         raise ConversationError(
             f"{where}['content'] must be a str or a list of blocks, got {_type_name(content)}"
         )
-    parts: list[Part] = []
-    for index, block in enumerate(content):
-        at = f"{where}['content'][{index}]"
-        if not isinstance(block, Mapping):
-            raise ConversationError(
-                f"{at} must be a mapping like {{'type': 'text', 'text': ...}}, got "
-                f"{_type_name(block)}"
-            )
-        if "type" not in block:
-            raise ConversationError(
-                f"{at} has no 'type' key; expected one of {', '.join(_BLOCK_TYPES)}, "
-                f"found keys {sorted(str(key) for key in block)}"
-            )
-        kind = block["type"]
-        if kind == "text":
-            if "text" not in block:
-                raise ConversationError(f"{at} is a text block without a 'text' key")
-            text = block["text"]
-            if not isinstance(text, str):
-                raise ConversationError(f"{at}['text'] must be a str, got {_type_name(text)}")
-            if text:
-                parts.append(TextPart(text=text))
-        elif kind == "image":
-            if text_only:
-                raise ConversationError(
-                    f"{at} is an image, but a system message may contain only text; "
-                    "put images in a user turn"
-                )
-            try:
-                parts.append(ImagePart.from_message_content(block))
-            except ImageLoadError as exc:
-                raise ImageLoadError(f"{at}: {exc}", source=exc.source) from exc
-            except ConversationError as exc:
-                raise ConversationError(f"{at}: {exc}") from exc
-        else:
-            raise ConversationError(
-                f"{at} has type {kind!r}; allowed types are {', '.join(_BLOCK_TYPES)}"
-            )
-    return tuple(parts)
+    parts = (
+        _parse_block(block, f"{where}['content'][{index}]", text_only=text_only)
+        for index, block in enumerate(content)
+    )
+    return tuple(part for part in parts if part is not None)
+
+
+def _parse_block(block: object, at: str, *, text_only: bool) -> Part | None:
+    """One content block as a part; None for an empty text block."""
+    if not isinstance(block, Mapping):
+        raise ConversationError(
+            f"{at} must be a mapping like {{'type': 'text', 'text': ...}}, got {_type_name(block)}"
+        )
+    if "type" not in block:
+        raise ConversationError(
+            f"{at} has no 'type' key; expected one of {', '.join(_BLOCK_TYPES)}, "
+            f"found keys {sorted(str(key) for key in block)}"
+        )
+    kind = block["type"]
+    if not isinstance(kind, str) or kind not in _BLOCK_TYPES:
+        raise ConversationError(
+            f"{at} has type {_short_repr(kind)}; allowed types are {', '.join(_BLOCK_TYPES)}"
+        )
+    if kind == "text":
+        if "text" not in block:
+            raise ConversationError(f"{at} is a text block without a 'text' key")
+        text = block["text"]
+        if not isinstance(text, str):
+            raise ConversationError(f"{at}['text'] must be a str, got {_type_name(text)}")
+        return _text_part(text, f"{at}['text']") if text else None
+    if text_only:
+        raise ConversationError(
+            f"{at} is an image, but a system message may contain only text; "
+            "put images in a user turn"
+        )
+    try:
+        return ImagePart.from_message_content(block)
+    except ImageLoadError as exc:
+        raise ImageLoadError(f"{at}: {exc}", source=exc.source) from exc
+    except ConversationError as exc:
+        raise ConversationError(f"{at}: {exc}") from exc
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -196,6 +234,9 @@ class Conversation:
             raise ConversationError(
                 f"Conversation system must be a str or None, got {_type_name(self.system)}"
             )
+        problem = None if self.system is None else _surrogate_problem(self.system)
+        if problem is not None:
+            raise ConversationError(f"Conversation system prompt {problem}")
         if isinstance(self.turns, list):
             object.__setattr__(self, "turns", tuple(self.turns))
         if not isinstance(self.turns, tuple):
@@ -283,9 +324,9 @@ class Conversation:
                     f"found keys {sorted(str(key) for key in message)}"
                 )
             role = message["role"]
-            if role not in _ROLES:
+            if not isinstance(role, str) or role not in _ROLES:
                 raise ConversationError(
-                    f"{where}['role'] must be one of {', '.join(_ROLES)}, got {role!r}"
+                    f"{where}['role'] must be one of {', '.join(_ROLES)}, got {_short_repr(role)}"
                 )
             if role == "system":
                 if index != 0:

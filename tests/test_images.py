@@ -596,7 +596,7 @@ def server_url() -> Iterator[str]:
 
 def test_url_ok(server_url: str) -> None:
     url = server_url + "/ok.png"
-    part = ImagePart.from_url(url)
+    part = ImagePart.from_url(url, allow_private_network=True)
     assert part.describe() == url
     assert pixel(part.load(), (0, 0)) == RED
     assert part.sha256() == hashlib.sha256(PNG_BODY).hexdigest()
@@ -605,26 +605,26 @@ def test_url_ok(server_url: str) -> None:
 def test_url_404(server_url: str) -> None:
     url = server_url + "/missing.png"
     with pytest.raises(ImageLoadError, match=r"HTTP error 404 .*" + url) as info:
-        ImagePart.from_url(url).load()
+        ImagePart.from_url(url, allow_private_network=True).load()
     assert info.value.source == url
 
 
 def test_url_empty_body(server_url: str) -> None:
     with pytest.raises(ImageLoadError, match="downloaded 0 bytes"):
-        ImagePart.from_url(server_url + "/empty").load()
+        ImagePart.from_url(server_url + "/empty", allow_private_network=True).load()
 
 
 def test_url_declared_too_big(server_url: str) -> None:
     url = server_url + "/big-declared"
     with pytest.raises(ImageLoadError, match=r"over the limit of max_bytes=1000 .*announced 5000"):
-        ImagePart.from_url(url, max_bytes=1000).load()
+        ImagePart.from_url(url, allow_private_network=True, max_bytes=1000).load()
 
 
 def test_url_streamed_too_big_aborts_early(server_url: str) -> None:
     url = server_url + "/big-stream"
     start = time.monotonic()
     with pytest.raises(ImageLoadError, match=r"max_bytes=1000 .*stopped after receiving") as info:
-        ImagePart.from_url(url, max_bytes=1000, timeout=5).load()
+        ImagePart.from_url(url, allow_private_network=True, max_bytes=1000, timeout=5).load()
     # The server keeps the connection open for 5 s after 4000 bytes, so only
     # stopping at the limit (not reading the whole body) returns this fast.
     assert time.monotonic() - start < 2
@@ -635,13 +635,13 @@ def test_url_timeout(server_url: str) -> None:
     url = server_url + "/slow"
     start = time.monotonic()
     with pytest.raises(ImageLoadError, match=r"timed out after 0.5 s .*pass a larger timeout="):
-        ImagePart.from_url(url, timeout=0.5).load()
+        ImagePart.from_url(url, allow_private_network=True, timeout=0.5).load()
     assert time.monotonic() - start < 2.5
 
 
 def test_url_redirect_to_ftp_refused(server_url: str) -> None:
     with pytest.raises(ImageLoadError, match=r"redirect to 'ftp://127\.0\.0\.1/a\.png' refused"):
-        ImagePart.from_url(server_url + "/to-ftp").load()
+        ImagePart.from_url(server_url + "/to-ftp", allow_private_network=True).load()
 
 
 def test_url_connection_refused() -> None:
@@ -650,7 +650,7 @@ def test_url_connection_refused() -> None:
         port = probe.getsockname()[1]
     url = f"http://127.0.0.1:{port}/a.png"
     with pytest.raises(ImageLoadError, match="could not download image") as info:
-        ImagePart.from_url(url, timeout=2).load()
+        ImagePart.from_url(url, allow_private_network=True, timeout=2).load()
     assert info.value.source == url
 
 
