@@ -26,7 +26,7 @@ from typing import Any
 import pytest
 from PIL import Image
 
-from idefics_kit import images
+from idefics_kit import _fetch
 from idefics_kit.errors import ImageLoadError
 from idefics_kit.images import ImagePart
 
@@ -292,7 +292,7 @@ def test_private_redirect_allowed_when_trusted(server: _Server) -> None:
         return socket.create_connection((address, port), timeout=timeout)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(images, "_open_socket", only_loopback)
+        patch.setattr(_fetch, "_open_socket", only_loopback)
         with pytest.raises(
             ImageLoadError,
             match=r"could not download image http://10\.0\.0\.1/x\.png \(redirected from .*"
@@ -314,7 +314,7 @@ def no_connections(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
         attempts.append((address, port))
         raise AssertionError(f"a connection to {address}:{port} was attempted")
 
-    monkeypatch.setattr(images, "_open_socket", record)
+    monkeypatch.setattr(_fetch, "_open_socket", record)
     return attempts
 
 
@@ -415,12 +415,12 @@ def fake_public_dns(server: _Server, monkeypatch: pytest.MonkeyPatch) -> list[tu
         return socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=timeout)
 
     monkeypatch.setattr(socket, "getaddrinfo", fake_getaddrinfo)
-    monkeypatch.setattr(images, "_open_socket", fake_open)
-    monkeypatch.setattr(images, "_address_problem", _treat_test_net_as_public)
+    monkeypatch.setattr(_fetch, "_open_socket", fake_open)
+    monkeypatch.setattr(_fetch, "_address_problem", _treat_test_net_as_public)
     return connects
 
 
-_real_address_problem = images._address_problem
+_real_address_problem = _fetch._address_problem
 
 
 def _treat_test_net_as_public(address: str) -> str | None:
@@ -525,7 +525,7 @@ def test_each_hop_resolved_once_and_connected_by_address(
     ],
 )
 def test_address_policy(address: str, problem: str | None) -> None:
-    assert images._address_problem(address) == problem
+    assert _fetch._address_problem(address) == problem
 
 
 # -- URLs refused when built (no network at all) -----------------------------------------------
@@ -556,7 +556,7 @@ def test_url_refused_when_built(name: str) -> None:
 def test_international_host_name_accepted() -> None:
     part = ImagePart.from_url("https://bücher.example/bild.png?größe=1")
     assert part.describe() == "https://bücher.example/bild.png?größe=1"
-    target = images._split_url(part.describe())
+    target = _fetch._split_url(part.describe())
     assert target.host == "xn--bcher-kva.example"
     assert target.path == "/bild.png?gr%C3%B6%C3%9Fe=1"
     assert target.port == 443
@@ -596,7 +596,7 @@ def test_https_verifies_the_host_name_not_the_address(
     # Untrusted self-signed certificate: refused with the system CAs.
     with pytest.raises(ImageLoadError, match="TLS certificate verification failed"):
         trusted(f"https://localhost:{port}/ok.png").load()
-    monkeypatch.setattr(images, "_tls_context", lambda: ssl.create_default_context(cafile=cert))
+    monkeypatch.setattr(_fetch, "_tls_context", lambda: ssl.create_default_context(cafile=cert))
     # Connected to the resolved 127.0.0.1, verified as "localhost": accepted.
     assert trusted(f"https://localhost:{port}/ok.png").load().size == (6, 4)
     # The certificate does not name 127.0.0.1.
