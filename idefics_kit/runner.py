@@ -263,16 +263,25 @@ def with_cached_features(
 ) -> dict[str, Any]:
     """``encoded`` with image pixels replaced by cached (or newly computed) features."""
 
-    def features(image: Image.Image) -> Callable[[], torch.Tensor]:
-        def compute() -> torch.Tensor:
-            with torch.inference_mode():
-                return adapter.image_features(model, image)
-
-        return compute
-
-    per_item = [
-        [cache.get_or_compute(key, features(image)) for key, image in item.images] for item in items
-    ]
+    found: dict[str, torch.Tensor] = {}
+    missing: dict[str, Image.Image] = {}
+    for item in items:
+        for key, image in item.images:
+            if key in found or key in missing:
+                continue
+            cached = cache.get(key)
+            if cached is None:
+                missing[key] = image
+            else:
+                found[key] = cached
+    if missing:
+        # One encoder call for all new images of the micro-batch.
+        with torch.inference_mode():
+            computed = adapter.image_features(model, list(missing.values()))
+        for key, value in zip(missing, computed, strict=True):
+            cache.put(key, value)
+            found[key] = value
+    per_item = [[found[key] for key, _ in item.images] for item in items]
     return adapter.with_image_features(model, encoded, per_item)
 
 

@@ -55,21 +55,32 @@ class VisionCache:
 
     def get_or_compute(self, key: str, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
         """The cached value for ``key``, computing and storing it on a miss."""
-        value = self._entries.get(key)
-        if value is not None:
-            self.hits += 1
-            self._entries.move_to_end(key)
-            return value
-        self.misses += 1
-        value = compute()
-        size = value.numel() * value.element_size()
-        if size <= self.max_bytes:
-            self._entries[key] = value
-            self._bytes += size
-            while self._bytes > self.max_bytes:
-                _, evicted = self._entries.popitem(last=False)
-                self._bytes -= evicted.numel() * evicted.element_size()
+        value = self.get(key)
+        if value is None:
+            value = compute()
+            self.put(key, value)
         return value
+
+    def get(self, key: str) -> torch.Tensor | None:
+        """The cached value for ``key`` (counted as a hit or a miss)."""
+        value = self._entries.get(key)
+        if value is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._entries.move_to_end(key)
+        return value
+
+    def put(self, key: str, value: torch.Tensor) -> None:
+        """Store ``value``; the least recently used entries make room for it."""
+        size = value.numel() * value.element_size()
+        if key in self._entries or size > self.max_bytes:
+            return
+        self._entries[key] = value
+        self._bytes += size
+        while self._bytes > self.max_bytes:
+            _, evicted = self._entries.popitem(last=False)
+            self._bytes -= evicted.numel() * evicted.element_size()
 
     def clear(self) -> None:
         """Drop every entry (the counters stay)."""

@@ -76,8 +76,8 @@ class FamilyAdapter(ABC):
         """Return the left-padded model inputs (a ``BatchFeature``) for a batch."""
 
     @abstractmethod
-    def image_features(self, model: Any, image: Image.Image) -> torch.Tensor:
-        """The vision encoder's output for one image, as the model computes it in a batch."""
+    def image_features(self, model: Any, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        """The vision encoder's output for each image, computed in one batch."""
 
     @abstractmethod
     def with_image_features(
@@ -135,14 +135,14 @@ class ChatTemplateAdapter(FamilyAdapter):
             processor_kwargs={"padding": True, "padding_side": "left"},
         )
 
-    def image_features(self, model: Any, image: Image.Image) -> torch.Tensor:
-        pixels = self.processor.image_processor([[image]], return_tensors="pt")
+    def image_features(self, model: Any, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        # One "conversation" per image, so pooler_output comes back per image.
+        pixels = self.processor.image_processor([[image] for image in images], return_tensors="pt")
         output = model.base_model.get_image_features(
             pixel_values=pixels["pixel_values"].to(model.device, dtype=model.dtype),
             pixel_attention_mask=pixels["pixel_attention_mask"].to(model.device),
         )
-        features: torch.Tensor = output.pooler_output[0]
-        return features
+        return list(output.pooler_output)
 
     def with_image_features(
         self, model: Any, inputs: dict[str, Any], features: list[list[torch.Tensor]]

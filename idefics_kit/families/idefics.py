@@ -43,9 +43,9 @@ class IdeficsAdapter(FamilyAdapter):
         # Which image each token may attend to (cross-attention), per token.
         return {**super().sequence_keys, "image_attention_mask": 0}
 
-    def image_features(self, model: Any, image: Image.Image) -> torch.Tensor:
-        pixels = self.processor.image_processor([image], return_tensors="pt")
-        return self._encode_pixels(model, pixels)
+    def image_features(self, model: Any, images: Sequence[Image.Image]) -> list[torch.Tensor]:
+        pixels = self.processor.image_processor(list(images), return_tensors="pt")
+        return list(self._encode_pixels(model, pixels))
 
     def with_image_features(
         self, model: Any, inputs: dict[str, Any], features: list[list[torch.Tensor]]
@@ -55,7 +55,7 @@ class IdeficsAdapter(FamilyAdapter):
         slots = int(inputs["pixel_values"].shape[1])
         if self._padding_features is None and any(len(row) < slots for row in features):
             blank = torch.zeros_like(inputs["pixel_values"][0, :1])
-            self._padding_features = self._encode_pixels(model, blank)
+            self._padding_features = self._encode_pixels(model, blank)[0]
         padding = [self._padding_features] if self._padding_features is not None else []
         rows = [torch.stack(row + padding * (slots - len(row))) for row in features]
         rest = {k: v for k, v in inputs.items() if k != "pixel_values"}
@@ -63,10 +63,11 @@ class IdeficsAdapter(FamilyAdapter):
         return rest
 
     def _encode_pixels(self, model: Any, pixels: torch.Tensor) -> torch.Tensor:
+        """Vision encoder output, one row per image of ``pixels`` (N, 3, H, W)."""
         output = model.base_model.vision_model(
             pixel_values=pixels.to(model.device, dtype=model.dtype).contiguous()
         )
-        features: torch.Tensor = output.last_hidden_state[0]
+        features: torch.Tensor = output.last_hidden_state
         return features
 
     def check(self, conversation: Conversation) -> None:
