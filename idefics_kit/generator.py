@@ -12,7 +12,6 @@ import os
 import threading
 from collections import abc
 from collections.abc import Iterable, Iterator, Sized
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import torch
@@ -359,15 +358,8 @@ class Generator:
         def prepare(index: int, conversation: object) -> runner.Prepared:
             return self._prepare(index, conversation, options, numbered=True)
 
-        with contextlib.ExitStack() as stack:
-            pool = None
-            if total is None or total > 1:
-                pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="idefics-kit-prepare")
-                # On close or error, drop queued work instead of waiting for
-                # downloads and decodes nobody will read.
-                stack.callback(pool.shutdown, wait=False, cancel_futures=True)
-            bar = stack.enter_context(ProgressBar(total, enabled=progress))
-            for wave in runner.prepared_waves(conversations, prepare, max(1, window), pool):
+        with ProgressBar(total, enabled=progress) as bar:
+            for wave in runner.prepared_waves(conversations, prepare, max(1, window)):
                 size = self._batch_size(batch_size, wave, options)
                 with self._exclusive():
                     results = runner.run_wave(

@@ -12,6 +12,7 @@ one conversation.
 from __future__ import annotations
 
 import gc
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -133,29 +134,41 @@ def prepared_waves(
     source: Iterable[object],
     prepare_one: Callable[[int, object], Prepared],
     window: int,
-    pool: ThreadPoolExecutor | None,
 ) -> Iterator[list[Prepared]]:
-    """Waves of prepared items, in input order; the next wave is prepared meanwhile."""
+    """Waves of at most ``window`` prepared items, in input order.
+
+    The first wave is prepared in the calling thread. Each later one is
+    prepared by two short-lived threads while the caller runs the model on the
+    wave before. The threads exit as soon as their wave is done: idle threads
+    that ran torch ops keep their OpenMP workers alive, and on a small CPU
+    those measurably slow the model down (benchmarks/diagnose_batching.py).
+    """
     numbered = enumerate(source)
 
-    def submit() -> list[Future[Prepared]]:
-        futures: list[Future[Prepared]] = []
-        for index, item in numbered:
-            if pool is None:
-                done: Future[Prepared] = Future()
-                done.set_result(prepare_one(index, item))
-                futures.append(done)
-            else:
-                futures.append(pool.submit(prepare_one, index, item))
-            if len(futures) == window:
-                break
-        return futures
+    def read() -> list[tuple[int, object]]:
+        return list(itertools.islice(numbered, window))
 
-    wave = submit()
-    while wave:
-        upcoming = submit()
-        yield [future.result() for future in wave]
-        wave = upcoming
+    def in_background(
+        items: list[tuple[int, object]],
+    ) -> tuple[ThreadPoolExecutor, list[Future[Prepared]]]:
+        pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="idefics-kit-prepare")
+        futures = [pool.submit(prepare_one, index, item) for index, item in items]
+        pool.shutdown(wait=False)  # the threads exit once the queue is drained
+        return pool, futures
+
+    wave = [prepare_one(index, item) for index, item in read()]
+    upcoming: tuple[ThreadPoolExecutor, list[Future[Prepared]]] | None = None
+    try:
+        while wave:
+            following = read()
+            upcoming = in_background(following) if following else None
+            yield wave
+            wave = [future.result() for future in upcoming[1]] if upcoming else []
+            upcoming = None
+    finally:
+        if upcoming is not None:
+            # Closed early: drop queued work nobody will read.
+            upcoming[0].shutdown(wait=False, cancel_futures=True)
 
 
 def estimate_batch_size(
