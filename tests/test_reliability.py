@@ -171,3 +171,44 @@ def test_memory_stays_flat_over_sequential_calls(generators: dict[str, Generator
     for _ in range(300):
         gen.generate(GOOD, max_new_tokens=4)
     assert _rss_mb() - start < 20
+
+
+def test_no_layer_below_the_sdk_fetches_or_opens_text(
+    gen: Generator, family: str, tmp_path: Path
+) -> None:
+    import http.server
+
+    requests: list[str] = []
+
+    class Counting(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            requests.append(self.path)
+            self.send_error(404)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Counting)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    image_file = tmp_path / "cat.png"
+    picture(16, 16, seed=2).save(image_file)
+    url = f"http://127.0.0.1:{server.server_address[1]}/cat.png"
+    try:
+        for text in (url, str(image_file), f"file://{image_file}"):
+            conv = Conversation().user(picture(16, 16, seed=1), text)
+            if family == "idefics" and text == url:
+                # Only IDEFICS 1's processor would fetch a bare URL: refused up front.
+                with pytest.raises(ConversationError, match="would be fetched as an image URL"):
+                    gen.generate(conv, max_new_tokens=2)
+                continue
+            result = gen.generate(conv, max_new_tokens=2)
+            # The text stayed text: the prompt holds exactly one image's tokens.
+            alone = gen.prompt_token_ids(Conversation().user(picture(16, 16, seed=1), "x"))
+            image_id = gen.processor.tokenizer.convert_tokens_to_ids("<image>")
+            assert gen.prompt_token_ids(conv).count(image_id) == alone.count(image_id)
+            assert result.usage.prompt_tokens > 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert requests == []
