@@ -645,6 +645,9 @@ def test_ctrl_c_waits_for_the_row_being_written(
 ) -> None:
     out = tmp_path / "out.jsonl"
     real_fsync = os.fsync
+    # A shell without job control starts background jobs with SIGINT ignored;
+    # this test needs Python's usual handler whatever started pytest.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def fsync_hit_by_ctrl_c(fd: int) -> None:
         signal.raise_signal(signal.SIGINT)  # arrives mid-write
@@ -657,6 +660,7 @@ def test_ctrl_c_waits_for_the_row_being_written(
         assert writer.count == 1
     assert out.read_text(encoding="utf-8") == '{"id": "a", "text": "é"}\n'
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    signal.signal(signal.SIGINT, previous)
 
 
 def test_duplicate_ids_fail_before_any_work(
@@ -739,6 +743,10 @@ def test_batch_good_and_bad_lines(
     assert "ends with an assistant turn" in rows[6]["error"]["message"]
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_batch_resumes_after_sigint_and_sigkill(
     checkpoints: dict[str, Path], pictures: list[Path], tmp_path: Path
 ) -> None:
@@ -773,6 +781,9 @@ def test_batch_resumes_after_sigint_and_sigkill(
                 stdout=subprocess.DEVNULL,
                 stderr=sink,
                 env=ENV,
+                # SIGINT may be ignored where pytest was started (a background
+                # job); the child must see Ctrl-C as a user would.
+                preexec_fn=_default_sigint,
             )
 
     # Ctrl-C once the first rows are in: exit 130, one line, complete rows kept.
