@@ -174,7 +174,7 @@ def run_benchmark(
         )
         stats = {side: _common.summary(seconds) for side, seconds in timings.seconds.items()}
         tokens = {"sdk": sum(map(len, sdk_ids)), "raw": sum(map(len, raw_ids))}
-        row = {
+        row: dict[str, Any] = {
             "batch_size": size,
             "times": stats,
             "generated_tokens": tokens,

@@ -39,7 +39,7 @@ def bench_family(family: str, root: Path, runs: int) -> dict[str, Any]:
     gen = Generator.from_pretrained(path, device="cpu")  # default: vision cache on
     plain = Generator.from_model(gen.model, gen.processor, vision_cache_mb=0)
     reference = _common.Reference(gen, family)
-    content = [QUESTION, _common.picture(64, 48, seed=1)]
+    content: _common.Content = [QUESTION, _common.picture(64, 48, seed=1)]
     conv = _common.conversation(content)
 
     def sdk() -> Result:

@@ -7,6 +7,9 @@ Timed alternately (median of ``--runs``):
   pre-collated micro-batches, length-sorted (the SDK's plan) or in input order
   (raw batching): what length-aware grouping saves in model time; the same
   with 1 new token (vision encoder and prefill only);
+* ``inputs only``: the SDK's per-conversation preparation (checks, image
+  decoding, the processor on one conversation at a time) against the
+  processor on 8 conversations at a time, as raw batching calls it;
 * ``prepare serially, then run``: the SDK's preparation of the 32 conversations
   in this thread, then its micro-batch runner (``runner.run_wave``);
 * ``prepare in a pool, run while it lives``: the same, preparation in a
@@ -61,7 +64,10 @@ def sides_for(gen: Generator, cached: Generator, family: str) -> dict[str, Calla
     items = [prepare(index, conv) for index, conv in enumerate(convs)]
     grouped = [
         BatchFeature(
-            collate([items[i].inputs for i in batch if items[i].inputs], adapter.sequence_keys)
+            collate(
+                [inputs for i in batch if (inputs := items[i].inputs) is not None],
+                adapter.sequence_keys,
+            )
         )
         for batch in plan([i.length for i in items], [i.group for i in items], BATCH)
     ]
@@ -109,6 +115,12 @@ def sides_for(gen: Generator, cached: Generator, family: str) -> dict[str, Calla
         "model: input order": model_only(in_order),
         "model, 1 new token: SDK grouping": model_only(grouped, 1),
         "model, 1 new token: input order": model_only(in_order, 1),
+        "inputs only: SDK prepare, 32 x 1": lambda: [
+            prepare(index, conv) for index, conv in enumerate(convs)
+        ],
+        "inputs only: processor, 4 x 8": lambda: [
+            reference.encode(chunk) for chunk in bench_batching.chunks(contents, BATCH)
+        ],
         "prepare serially, then run": serial,
         "prepare in a pool, run while it lives": pool_alive,
         "prepare in a pool, shut it, then run": pool_closed,
