@@ -60,6 +60,7 @@ commands:
   info    describe a checkpoint: family, size, context, image settings, tokens
 
 examples:
+  {PROG} ask --image red_circle.png "What color is the shape?"   # built-in toy model
   {PROG} ask --model {_EXAMPLE_MODEL} --image dog.jpg "What breed is this dog?"
   {PROG} batch --model {_EXAMPLE_MODEL} questions.jsonl -o answers.jsonl
   {PROG} info --model {_EXAMPLE_MODEL} --json
@@ -74,6 +75,7 @@ a file path. URLs are fetched only from public internet addresses unless
 --allow-private-network is given.
 
 examples:
+  {PROG} ask --image red_circle.png "What shape is it?"   # built-in toy model
   {PROG} ask --model {_EXAMPLE_MODEL} --image dog.jpg "What breed is this dog?"
   {PROG} ask --model ./my-checkpoint --image before.png --image https://example.com/after.png \\
       "What changed between these two pictures?"
@@ -133,8 +135,9 @@ def _model_flags() -> _Parser:
     group.add_argument(
         "--model",
         metavar="M",
-        help="hub id or local checkpoint folder of an IDEFICS-family model (required for "
-        "now; a small built-in default model is planned)",
+        default="toy",
+        help="hub id or local checkpoint folder of an IDEFICS-family model (default: 'toy', "
+        "the tiny built-in model that answers questions about simple shape pictures)",
     )
     group.add_argument(
         "--device",
@@ -287,11 +290,11 @@ def generation_options(args: argparse.Namespace) -> GenerationOptions:
 
 
 def _require_model(args: argparse.Namespace) -> str:
-    model: str | None = args.model
+    model: str = args.model
     if not model:
         raise CliExit(
-            f"--model is required: pass a hub id (e.g. {_EXAMPLE_MODEL}) or a checkpoint "
-            "folder (a small built-in default model is planned but not shipped yet)",
+            f"--model must not be empty: pass a hub id (e.g. {_EXAMPLE_MODEL}), a checkpoint "
+            "folder, or leave it out for the built-in toy model",
             2,
         )
     return model

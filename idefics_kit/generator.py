@@ -31,6 +31,8 @@ from idefics_kit.options import GenerationOptions
 from idefics_kit.progress import ProgressBar
 from idefics_kit.results import Result
 from idefics_kit.runner import OnError
+from idefics_kit.toy import TOY_MODEL
+from idefics_kit.toy import checkpoint_path as toy_checkpoint_path
 from idefics_kit.vision_cache import VisionCache, VisionCacheStats
 
 __all__ = ["Generator"]
@@ -79,6 +81,10 @@ class Generator:
     ) -> Generator:
         """Load a checkpoint of any supported family from the hub or a folder.
 
+        ``"toy"`` names the tiny IDEFICS 3 model shipped inside this package
+        (it answers questions about simple shape pictures; see
+        docs/toy-model.md): it loads offline, through the same path as any
+        other checkpoint. A local folder called ``toy`` is ``"./toy"``.
         ``device="auto"`` picks CUDA, then MPS, then the CPU; ``dtype="auto"``
         picks bfloat16 (float16 where unsupported) on CUDA and float32 on the
         CPU. ``device_map`` (e.g. ``"auto"``) hands placement to accelerate
@@ -93,7 +99,7 @@ class Generator:
         """
         from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
-        name = os.fspath(model_id)
+        name = _resolve_name(os.fspath(model_id))
         target = resolve_device(device) if device_map is None else None
         torch_dtype = resolve_dtype(dtype, target or resolve_device("auto"))
         hub: dict[str, Any] = {
@@ -444,6 +450,15 @@ def _has_only_pickle_weights(name: str) -> bool:
     return any(f.endswith(".bin") for f in files) and not any(
         f.endswith(".safetensors") for f in files
     )
+
+
+def _resolve_name(name: str) -> str:
+    if name != TOY_MODEL:
+        return name
+    try:
+        return os.fspath(toy_checkpoint_path())
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"cannot load the built-in toy model: {exc}") from exc
 
 
 def _looks_local(name: str) -> bool:

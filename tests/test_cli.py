@@ -348,7 +348,7 @@ def test_failures_exit_with_one_clear_line(
     model = ["--model", str(checkpoints["idefics2"]), *CPU]
     pic = ["--image", str(pictures[0])]
     no_model, no_image, bad_path, not_idefics, bad_temperature, no_input = run_cli(
-        ["ask", *pic, QUESTION],
+        ["ask", "--model", "", *pic, QUESTION],
         ["ask", *model, "--image", "missing.png", QUESTION],
         ["ask", "--model", str(tmp_path / "nowhere"), *pic, QUESTION],
         ["info", "--model", str(llama)],
@@ -358,8 +358,8 @@ def test_failures_exit_with_one_clear_line(
     )
     assert no_model.returncode == 2
     line = one_error_line(no_model)
-    assert "--model is required" in line
-    assert "default model is planned" in line
+    assert "--model must not be empty" in line
+    assert "leave it out for the built-in toy model" in line
 
     assert no_image.returncode == 1
     assert "image file not found: 'missing.png'" in one_error_line(no_image)
@@ -822,3 +822,17 @@ def test_batch_resumes_after_sigint_and_sigkill(
     before = out.read_bytes()
     assert main(["batch", *flags, str(source), "-o", str(out)]) == 0
     assert out.read_bytes() == before
+
+
+def test_default_model_is_the_toy_model_and_answers_the_readme_question() -> None:
+    images = Path(__file__).resolve().parent.parent / "examples" / "images"
+    ask, info = run_cli(
+        ["ask", "--image", str(images / "red_circle.png"), "What color is the shape?"],
+        ["info", "--json"],
+    )
+    assert ask.returncode == 0, ask.stderr.decode()
+    assert ask.stdout.decode() == "red\n"
+    assert info.returncode == 0, info.stderr.decode()
+    described = json.loads(info.stdout)
+    assert described["model"] == "toy"
+    assert described["family"] == "idefics3"

@@ -15,9 +15,14 @@ TIMEOUT_S = 180
 # Lines (or parts of lines) each script must print.
 MARKERS: dict[str, tuple[str, ...]] = {
     "quickstart_offline.py": (
-        "generator: Generator(family='idefics2', device='cpu'",
-        "answer: ",
-        "finish_reason: ",
+        "generator: Generator(family='idefics3', device='cpu'",
+        "red_circle.png | What color is the shape? -> red\n",
+        "red_circle.png | What shape is it? -> circle\n",
+        "blue_square.png | What color is the shape? -> blue\n",
+        "blue_square.png | What shape is it? -> square\n",
+        "green_triangle.png | What color is the shape? -> green\n",
+        "green_triangle.png | What shape is it? -> triangle\n",
+        "finish_reason: stop",
         "usage: prompt_tokens=",
     ),
     "batch_and_stream.py": (
