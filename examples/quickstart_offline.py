@@ -20,12 +20,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from pathlib import Path
 
+from transformers.utils import logging as transformers_logging
+
 from idefics_kit import Conversation, Generator, ImagePart
 
 IMAGES = Path(__file__).resolve().parent / "images"
 
 
 def main() -> None:
+    transformers_logging.disable_progress_bar()
     # device="cpu" keeps this tiny model off any GPU; real checkpoints use the default "auto".
     gen = Generator.from_pretrained("toy", device="cpu")
     print(f"generator: {gen!r}")
@@ -36,9 +39,9 @@ def main() -> None:
             result = gen.generate(Conversation().user(image, question))
             print(f"{name} | {question} -> {result.text}")
 
-    last = gen.generate(
-        Conversation().user(ImagePart.from_path(IMAGES / "red_circle.png"), "Where is the shape?")
-    )
+    shapes = ImagePart.from_path(IMAGES / "three_shapes.png")
+    last = gen.generate(Conversation().user(shapes, "How many shapes are there?"))
+    print(f"three_shapes.png | How many shapes are there? -> {last.text}")
     usage = last.usage
     print(f"finish_reason: {last.finish_reason}")
     print(

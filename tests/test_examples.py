@@ -22,6 +22,8 @@ MARKERS: dict[str, tuple[str, ...]] = {
         "blue_square.png | What shape is it? -> square\n",
         "green_triangle.png | What color is the shape? -> green\n",
         "green_triangle.png | What shape is it? -> triangle\n",
+        "red_circle.png | Describe this image. -> a red circle on the left\n",
+        "three_shapes.png | How many shapes are there? -> three\n",
         "finish_reason: stop",
         "usage: prompt_tokens=",
     ),

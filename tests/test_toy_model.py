@@ -86,12 +86,20 @@ def test_toy_loads_through_the_public_path_offline(toy: Generator) -> None:
     assert toy.generate(conversation).token_ids == same.generate(conversation).token_ids
 
 
+EXAMPLE_ANSWERS = {
+    "red_circle.png": ("red", "circle", "left", "a red circle on the left", "one"),
+    "blue_square.png": ("blue", "square", "center", "a blue square in the center", "one"),
+    "green_triangle.png": ("green", "triangle", "right", "a green triangle on the right", "one"),
+}
+KINDS: tuple[QuestionKind, ...] = ("color", "shape", "position", "describe", "count")
+
+
 def test_example_images_get_right_answers(toy: Generator) -> None:
-    for name in ("red_circle", "blue_square", "green_triangle"):
-        color, shape = name.split("_")
-        image = ImagePart.from_path(EXAMPLES / f"{name}.png")
-        assert ask(toy, image, "color") == color
-        assert ask(toy, image, "shape") == shape
+    # The pictures the README, the CLI help and the quickstart example use.
+    for name, answers in EXAMPLE_ANSWERS.items():
+        image = ImagePart.from_path(EXAMPLES / name)
+        assert tuple(ask(toy, image, kind) for kind in KINDS) == answers, name
+    assert ask(toy, ImagePart.from_path(EXAMPLES / "three_shapes.png"), "count") == "three"
 
 
 def test_held_out_subset_meets_the_targets(toy: Generator) -> None:

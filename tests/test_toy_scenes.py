@@ -26,7 +26,8 @@ def test_sizes_stay_in_range() -> None:
     rng = random.Random(0)
     for _ in range(2000):
         width, height = random_size(rng)
-        assert 64 <= width <= 512 and 64 <= height <= 512
+        assert 64 <= width <= 512
+        assert 64 <= height <= 512
         assert max(width, height) / min(width, height) <= 2.0 + 1e-9
 
 

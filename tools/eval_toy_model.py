@@ -42,10 +42,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--per-category", type=int, default=200)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", type=Path, help="also write the table and every miss here")
+    parser.add_argument(
+        "--image-backend",
+        choices=("auto", "pil", "torchvision"),
+        default="auto",
+        help="the image processor's backend; 'pil' is what installs without torchvision get",
+    )
     args = parser.parse_args(argv)
 
     transformers_logging.disable_progress_bar()
-    gen = Generator.from_pretrained(args.model, device="cpu")
+    if args.image_backend == "auto":
+        gen = Generator.from_pretrained(args.model, device="cpu")
+    else:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from idefics_kit.toy import TOY_MODEL, checkpoint_path
+
+        folder = checkpoint_path() if args.model == TOY_MODEL else args.model
+        gen = Generator.from_model(
+            AutoModelForImageTextToText.from_pretrained(folder),
+            AutoProcessor.from_pretrained(folder, backend=args.image_backend),
+        )
+    print(f"image processor: {type(gen.processor.image_processor).__name__}")
     questions = held_out(args.seed, args.per_category)
     start = time.perf_counter()
     results = gen.generate_batch(

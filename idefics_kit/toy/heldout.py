@@ -55,33 +55,25 @@ def held_out(seed: int, per_category: int) -> list[ToyQuestion]:
     questions = []
     for category in CATEGORIES:
         for _ in range(per_category):
-            if category != "second-turn":
-                scene = _scene(rng, category)
-                conversation = single_turn(scene, category)
-                questions.append(
-                    ToyQuestion(
-                        category=category,
-                        kind=category,
-                        conversation=conversation,
-                        expected=scene.answer(category),
-                        scene=scene,
-                    )
+            if category == "second-turn":
+                first_kind, kind = rng.choice(kinds), rng.choice(kinds)
+                first, scene = _scene(rng, first_kind), _scene(rng, kind)
+                conversation = (
+                    single_turn(first, first_kind)
+                    .assistant(first.answer(first_kind))
+                    .user(ImagePart.from_pil(scene.image), QUESTIONS[kind])
                 )
-                continue
-            first_kind, kind = rng.choice(kinds), rng.choice(kinds)
-            first, second = _scene(rng, first_kind), _scene(rng, kind)
-            conversation = (
-                single_turn(first, first_kind)
-                .assistant(first.answer(first_kind))
-                .user(ImagePart.from_pil(second.image), QUESTIONS[kind])
-            )
+            else:
+                kind = category
+                scene = _scene(rng, kind)
+                conversation = single_turn(scene, kind)
             questions.append(
                 ToyQuestion(
                     category=category,
                     kind=kind,
                     conversation=conversation,
-                    expected=second.answer(kind),
-                    scene=second,
+                    expected=scene.answer(kind),
+                    scene=scene,
                 )
             )
     return questions
