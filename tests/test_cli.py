@@ -200,7 +200,7 @@ def test_every_generation_flag_builds_options() -> None:
     # Flags not given keep the GenerationOptions defaults.
     plain = parser.parse_args(["batch", "in.jsonl", "-o", "out.jsonl"])
     assert generation_options(plain) == GenerationOptions()
-    assert (plain.batch_size, plain.model, plain.device, plain.dtype) == (8, None, "auto", "auto")
+    assert (plain.batch_size, plain.model, plain.device, plain.dtype) == (8, "toy", "auto", "auto")
     assert not plain.allow_private_network
     trusting = parser.parse_args(["batch", "i", "-o", "o", "--allow-private-network"])
     assert trusting.allow_private_network
