@@ -85,6 +85,7 @@ class Generator:
         (it answers questions about simple shape pictures; see
         docs/toy-model.md): it loads offline, through the same path as any
         other checkpoint. A local folder called ``toy`` is ``"./toy"``.
+
         ``device="auto"`` picks CUDA, then MPS, then the CPU; ``dtype="auto"``
         picks bfloat16 (float16 where unsupported) on CUDA and float32 on the
         CPU. ``device_map`` (e.g. ``"auto"``) hands placement to accelerate
