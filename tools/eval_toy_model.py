@@ -43,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", type=Path, help="also write the table and every miss here")
     parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="weights and activations (bfloat16 is what CUDA gets by default)",
+    )
+    parser.add_argument(
         "--image-backend",
         choices=("auto", "pil", "torchvision"),
         default="auto",
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers_logging.disable_progress_bar()
     if args.image_backend == "auto":
-        gen = Generator.from_pretrained(args.model, device="cpu")
+        gen = Generator.from_pretrained(args.model, device="cpu", dtype=args.dtype)
     else:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
         folder = checkpoint_path() if args.model == TOY_MODEL else args.model
         gen = Generator.from_model(
-            AutoModelForImageTextToText.from_pretrained(folder),
+            AutoModelForImageTextToText.from_pretrained(folder, dtype=args.dtype),
             AutoProcessor.from_pretrained(folder, backend=args.image_backend),
         )
     print(f"image processor: {type(gen.processor.image_processor).__name__}")
