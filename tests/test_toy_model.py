@@ -22,7 +22,7 @@ from PIL import Image
 
 from idefics_kit import Conversation, Generator, ImagePart
 from idefics_kit.toy import TOY_MODEL, checkpoint_path
-from idefics_kit.toy.heldout import CATEGORIES, held_out, single_turn
+from idefics_kit.toy.heldout import CATEGORIES, held_out, single_turn, two_turn
 from idefics_kit.toy.scenes import (
     COLORS,
     POSITIONS,
@@ -217,16 +217,6 @@ def test_exif_rotated_jpeg_is_judged_as_displayed(
         # the test above could not pass by ignoring EXIF.
         flipped = ImagePart.from_pil(sided[0].image.transpose(Image.Transpose.ROTATE_180))
         assert ask(toy, flipped, "position") != sided[0].answer("position")
-
-
-def two_turn(
-    first: Scene, first_kind: QuestionKind, second: Scene, kind: QuestionKind
-) -> Conversation:
-    return (
-        single_turn(first, first_kind)
-        .assistant(first.answer(first_kind))
-        .user(ImagePart.from_pil(second.image), QUESTIONS[kind])
-    )
 
 
 def test_second_turns_answer_about_their_own_image_single_and_batched(toy: Generator) -> None:

@@ -15,7 +15,7 @@ from idefics_kit.conversation import Conversation
 from idefics_kit.images import ImagePart
 from idefics_kit.toy.scenes import QUESTIONS, QuestionKind, Scene, draw_count_scene, draw_scene
 
-__all__ = ["CATEGORIES", "Category", "ToyQuestion", "held_out", "single_turn"]
+__all__ = ["CATEGORIES", "Category", "ToyQuestion", "held_out", "single_turn", "two_turn"]
 
 Category = Literal["color", "shape", "position", "describe", "count", "second-turn"]
 CATEGORIES: tuple[Category, ...] = get_args(Category)
@@ -38,9 +38,20 @@ def _scene(rng: random.Random, kind: QuestionKind) -> Scene:
     return draw_count_scene(rng) if kind == "count" else draw_scene(rng)
 
 
-def single_turn(scene: Scene, kind: QuestionKind, image: ImagePart | None = None) -> Conversation:
-    """One user turn asking ``QUESTIONS[kind]`` about ``scene`` (or ``image`` of it)."""
-    return Conversation().user(image or ImagePart.from_pil(scene.image), QUESTIONS[kind])
+def single_turn(scene: Scene, kind: QuestionKind) -> Conversation:
+    """One user turn asking ``QUESTIONS[kind]`` about ``scene``."""
+    return Conversation().user(ImagePart.from_pil(scene.image), QUESTIONS[kind])
+
+
+def two_turn(
+    first: Scene, first_kind: QuestionKind, second: Scene, kind: QuestionKind
+) -> Conversation:
+    """A first turn answered correctly, then a question about the second picture."""
+    return (
+        single_turn(first, first_kind)
+        .assistant(first.answer(first_kind))
+        .user(ImagePart.from_pil(second.image), QUESTIONS[kind])
+    )
 
 
 def held_out(seed: int, per_category: int) -> list[ToyQuestion]:
@@ -58,11 +69,7 @@ def held_out(seed: int, per_category: int) -> list[ToyQuestion]:
             if category == "second-turn":
                 first_kind, kind = rng.choice(kinds), rng.choice(kinds)
                 first, scene = _scene(rng, first_kind), _scene(rng, kind)
-                conversation = (
-                    single_turn(first, first_kind)
-                    .assistant(first.answer(first_kind))
-                    .user(ImagePart.from_pil(scene.image), QUESTIONS[kind])
-                )
+                conversation = two_turn(first, first_kind, scene, kind)
             else:
                 kind = category
                 scene = _scene(rng, kind)
