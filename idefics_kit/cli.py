@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from idefics_kit import __version__
 from idefics_kit._cli_batch import BatchJob, run_batch
 from idefics_kit._cli_common import PROG, CliExit, cli_message, one_line
+from idefics_kit._cli_ray import add_ray_flags, run_ray_batch
 from idefics_kit.conversation import Conversation
 from idefics_kit.errors import IdeficsKitError, InvalidParameterError
 from idefics_kit.images import ImagePart
@@ -264,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"conversations per model call (default: {_DEFAULT_BATCH_SIZE})",
     )
+    add_ray_flags(batch)
     batch.set_defaults(run=_cmd_batch)
 
     info = commands.add_parser(
@@ -377,6 +379,8 @@ def _cmd_ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     model = _require_model(args)
+    if args.ray or args.ray_address or args.actors or args.cpus_per_actor or args.gpus_per_actor:
+        return run_ray_batch(args, model, generation_options(args), err)
     job = BatchJob(
         input=args.input,
         output=args.output,

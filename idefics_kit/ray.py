@@ -653,6 +653,7 @@ def run_batch(
     flush_rows: int = 1000,
     log_to_driver: bool = True,
     notes: Callable[[str], None] | None = None,
+    on_start: Callable[[int], None] | None = None,
     on_row: Callable[[Row], None] | None = None,
 ) -> JobSummary:
     """Answer every input row on a Ray cluster; write one row per input to ``output``.
@@ -678,8 +679,9 @@ def run_batch(
     ``num_cpus_per_actor`` CPUs (default 1 with GPUs, else the cluster's CPUs
     shared out; on the CPU torch gets that many threads), and answer
     ``rows_per_task`` rows per call (default ``4 * batch_size``, at least 32)
-    in model batches of ``batch_size``. ``on_row`` sees each row as it is
-    written; ``notes`` receives progress notes (resuming, nothing to do).
+    in model batches of ``batch_size``. ``notes`` receives notes (resuming,
+    nothing to do), ``on_start`` the number of rows to write, before any
+    model work, and ``on_row`` each row as it is written.
     """
     started = time.monotonic()
     note = notes or (lambda text: None)
@@ -716,6 +718,8 @@ def run_batch(
     if already:
         note(f"resuming: {already} of {job.total} inputs already in {folder}")
 
+    if on_start is not None:
+        on_start(pending)
     writer = _Writer(folder, run, kind, flush_rows)
     errors = 0
 
