@@ -24,6 +24,7 @@ from idefics_kit import __version__
 from idefics_kit._cli_batch import BatchJob, run_batch
 from idefics_kit._cli_common import PROG, CliExit, cli_message, one_line
 from idefics_kit._cli_ray import add_ray_flags, run_ray_batch
+from idefics_kit._cli_serve import SERVE_EPILOG, add_serve_flags, engine_options, run_serve
 from idefics_kit.conversation import Conversation
 from idefics_kit.errors import IdeficsKitError, InvalidParameterError
 from idefics_kit.images import ImagePart
@@ -59,12 +60,14 @@ commands:
   ask     answer a question about one or more images, streaming the answer
   batch   answer a JSONL file of conversations, resumably
   info    describe a checkpoint: family, size, context, image settings, tokens
+  serve   an OpenAI-compatible HTTP server (needs the [serve] extra)
 
 examples:
   {PROG} ask --image red_circle.png "What color is the shape?"   # built-in toy model
   {PROG} ask --model {_EXAMPLE_MODEL} --image dog.jpg "What breed is this dog?"
   {PROG} batch --model {_EXAMPLE_MODEL} questions.jsonl -o answers.jsonl
   {PROG} info --model {_EXAMPLE_MODEL} --json
+  {PROG} serve --model {_EXAMPLE_MODEL} --port 8000
 
 Run '{PROG} COMMAND --help' for the flags of a command.
 """
@@ -278,6 +281,18 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[model, _json_flag("print one JSON object")],
     )
     info.set_defaults(run=_cmd_info)
+
+    serve = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server (needs the [serve] extra)",
+        description="Serve a model over HTTP with OpenAI's chat-completions API; concurrent "
+        "requests share batches. Stops on SIGTERM or Ctrl-C after draining.",
+        epilog=SERVE_EPILOG,
+        formatter_class=formatter,
+        parents=[model, network],
+    )
+    add_serve_flags(serve)
+    serve.set_defaults(run=_cmd_serve)
     return parser
 
 
@@ -483,6 +498,22 @@ def _cmd_info(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     info = model_info(_load_generator(model, args), model)
     print(json.dumps(info, ensure_ascii=False) if args.json else format_info(info), file=out)
     return 0
+
+
+# -- serve -------------------------------------------------------------------------------
+
+
+def _cmd_serve(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    model = _require_model(args)
+
+    def load() -> Generator:
+        from idefics_kit.generator import Generator
+
+        return Generator.from_pretrained(
+            model, device=args.device, dtype=args.dtype, **engine_options(args)
+        )
+
+    return run_serve(args, load, model, err)
 
 
 # -- main ----------------------------------------------------------------------------------

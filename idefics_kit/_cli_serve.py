@@ -1,0 +1,308 @@
+"""``idefics-kit serve``: flags, and running the server under uvicorn with a SIGTERM drain.
+
+starlette and uvicorn (the ``[serve]`` extra) are imported only when the
+command runs, so ``idefics-kit --help`` stays fast and works without them.
+
+On SIGTERM or Ctrl-C the server drains: new requests get 503 (``/health``
+too, so a load balancer stops sending), requests in flight run to the end
+for at most ``--drain-seconds``, then uvicorn closes the connections and the
+process exits 0. A second signal stops at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
+
+from idefics_kit._cli_common import PROG, CliExit
+
+if TYPE_CHECKING:
+    from idefics_kit.generator import Generator
+    from idefics_kit.server import ServerApp
+
+__all__ = ["API_KEY_ENV", "add_serve_flags", "engine_options", "run_serve"]
+
+API_KEY_ENV = "IDEFICS_KIT_API_KEY"
+_LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+_DEFAULT_DRAIN_SECONDS = 30.0
+# Kept in step with idefics_kit.server.app (not imported here: it needs starlette).
+_DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
+_DEFAULT_MAX_IMAGES = 8
+_DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+
+SERVE_EPILOG = f"""\
+The API is OpenAI's chat completions: POST /v1/chat/completions (images as
+data: URIs or http(s) URLs, streaming with "stream": true), GET /v1/models,
+GET /health, GET /metrics (Prometheus). Loopback only and no API key by
+default; before listening on another address set an API key (prefer the
+{API_KEY_ENV} environment variable: a --api-key value shows in `ps`).
+
+examples:
+  {PROG} serve                                   # the built-in toy model on 127.0.0.1:8000
+  {PROG} serve --model HuggingFaceTB/SmolVLM-Instruct --served-model-name smolvlm
+  {API_KEY_ENV}=secret {PROG} serve --host 0.0.0.0 --port 8080 --access-log
+  curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+      -d '{{"model": "toy", "messages": [{{"role": "user", "content": [
+           {{"type": "image_url", "image_url": {{"url": "data:image/png;base64,..."}}}},
+           {{"type": "text", "text": "What color is the shape?"}}]}}]}}'
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {text!r}")
+    return value
+
+
+def add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of ``serve`` (besides the shared model flags and --allow-private-network)."""
+    net = parser.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    net.add_argument("--port", type=_port, default=8000, help="port to bind (default: 8000)")
+    net.add_argument(
+        "--served-model-name",
+        metavar="NAME",
+        help="model id that /v1/models lists and requests name (default: the --model value)",
+    )
+    net.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"require 'Authorization: Bearer KEY' on /v1/... (default: ${API_KEY_ENV}; "
+        "none when unset)",
+    )
+    net.add_argument(
+        "--drain-seconds",
+        type=_seconds,
+        default=_DEFAULT_DRAIN_SECONDS,
+        metavar="S",
+        help="on SIGTERM/Ctrl-C, let requests in flight finish for up to S seconds while new "
+        f"ones get 503, then exit 0 (default: {_DEFAULT_DRAIN_SECONDS:g})",
+    )
+    net.add_argument(
+        "--request-timeout",
+        type=_seconds,
+        metavar="S",
+        help="give up on a request (504) that has not finished S seconds after it arrived "
+        "(default: no limit)",
+    )
+    limits = parser.add_argument_group("request limits")
+    limits.add_argument(
+        "--allowed-local-media-path",
+        metavar="DIR",
+        help="also accept image_url file:// URLs and absolute paths of files inside DIR "
+        "(default: local files are refused)",
+    )
+    limits.add_argument(
+        "--max-images-per-request",
+        type=_count,
+        default=_DEFAULT_MAX_IMAGES,
+        metavar="N",
+        help=f"refuse requests with more images (400) (default: {_DEFAULT_MAX_IMAGES})",
+    )
+    limits.add_argument(
+        "--max-image-pixels",
+        type=_positive_int,
+        default=_DEFAULT_MAX_IMAGE_PIXELS,
+        metavar="N",
+        help="refuse images of more pixels, read from the header before decoding (default: "
+        f"{_DEFAULT_MAX_IMAGE_PIXELS})",
+    )
+    limits.add_argument(
+        "--max-request-bytes",
+        type=_positive_int,
+        default=_DEFAULT_MAX_REQUEST_BYTES,
+        metavar="N",
+        help="refuse larger request bodies (413) before reading them whole (default: "
+        f"{_DEFAULT_MAX_REQUEST_BYTES})",
+    )
+    engine = parser.add_argument_group("engine (defaults: Generator.from_pretrained)")
+    engine.add_argument(
+        "--max-batch-size",
+        type=_positive_int,
+        metavar="N",
+        help="most requests decoded together in one batch",
+    )
+    engine.add_argument(
+        "--max-wait-ms",
+        type=_seconds,
+        metavar="MS",
+        help="how long a new request may wait for others to fill its batch",
+    )
+    engine.add_argument(
+        "--max-queued",
+        type=_positive_int,
+        metavar="N",
+        help="requests waiting beyond this get 503 with Retry-After at once",
+    )
+    logs = parser.add_argument_group("logging")
+    logs.add_argument(
+        "--log-level",
+        choices=_LOG_LEVELS,
+        default="info",
+        help="server log level (default: info)",
+    )
+    logs.add_argument(
+        "--access-log",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="one stdout line per request: client, method, path, status, tokens, latency, "
+        "request id (default: off)",
+    )
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``Generator.from_pretrained`` keywords that the engine flags set."""
+    names = ("max_batch_size", "max_wait_ms", "max_queued")
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def _log_config(level: str, access_log: bool) -> dict[str, Any]:
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["handlers"]["idefics_kit_access"] = {
+        "formatter": "default",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stdout",
+    }
+    numeric = 5 if level == "trace" else level.upper()
+    config["loggers"]["idefics_kit.server"] = {
+        "handlers": ["default"],
+        "level": numeric,
+        "propagate": False,
+    }
+    config["loggers"]["idefics_kit.server.access"] = {
+        "handlers": ["idefics_kit_access"],
+        "level": "INFO" if access_log else "WARNING",
+        "propagate": False,
+    }
+    return config
+
+
+def run_serve(
+    args: argparse.Namespace, load: Callable[[], Generator], model: str, err: TextIO
+) -> int:
+    """Load the model, serve until SIGTERM/Ctrl-C, drain, close the model; exit code 0."""
+    try:
+        import uvicorn
+
+        from idefics_kit.server import create_app
+    except ImportError as exc:
+        raise CliExit(
+            f"serve needs the 'serve' extra ({exc}): pip install 'idefics-kit[serve]'"
+        ) from exc
+    if args.allowed_local_media_path is not None and not os.path.isdir(
+        args.allowed_local_media_path
+    ):
+        raise CliExit(
+            f"--allowed-local-media-path {args.allowed_local_media_path!r} is not a folder", 2
+        )
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    gen = load()
+    try:
+        app = create_app(
+            gen,
+            served_model_name=args.served_model_name or model,
+            api_key=api_key or None,
+            allow_private_network=args.allow_private_network,
+            allowed_local_media_path=args.allowed_local_media_path,
+            max_images_per_request=args.max_images_per_request,
+            max_image_pixels=args.max_image_pixels,
+            max_request_bytes=args.max_request_bytes,
+            request_timeout=args.request_timeout,
+        )
+        config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            log_config=_log_config(args.log_level, args.access_log),
+            access_log=False,  # the app writes its own line, with tokens and latency
+            lifespan="on",
+            timeout_graceful_shutdown=2,
+            server_header=False,
+        )
+        server = _draining_server(config, app, args.drain_seconds)
+        server.run()
+        if not server.started:
+            return 1
+    finally:
+        close = getattr(gen, "close", None)
+        if callable(close):
+            close()
+    return 0
+
+
+def _draining_server(config: Any, app: ServerApp, drain_seconds: float) -> Any:
+    """A ``uvicorn.Server`` whose SIGTERM/SIGINT drains ``app`` first, then exits cleanly."""
+    import uvicorn
+
+    log = logging.getLogger("idefics_kit.server")
+
+    class DrainingServer(uvicorn.Server):
+        drain_started: float | None = None
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            # Not recorded as a captured signal: uvicorn would re-raise it after
+            # the shutdown and the process would die of it instead of exiting 0.
+            if self.drain_started is not None:
+                log.warning("second signal: stopping now")
+                self.should_exit = self.force_exit = True
+                return
+            self.drain_started = time.monotonic()
+            app.begin_drain()
+            log.info(
+                "draining: %d request(s) in flight, new ones get 503; stopping within %gs",
+                app.in_flight,
+                drain_seconds,
+            )
+
+        async def on_tick(self, counter: int) -> bool:
+            if self.drain_started is not None and not self.should_exit:
+                waited = time.monotonic() - self.drain_started
+                if app.in_flight == 0 or waited >= drain_seconds:
+                    if app.in_flight:
+                        log.warning("drain time over: cancelling %d request(s)", app.in_flight)
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
+    return DrainingServer(config)

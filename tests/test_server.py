@@ -1,0 +1,725 @@
+"""``idefics-kit serve``: the OpenAI-compatible server, over loopback.
+
+Two kinds of tests. Protocol tests (errors, auth, limits, image policy, SSE
+shape, metrics) drive the app with :class:`FakeGenerator`, a scripted
+stand-in with the Generator's async surface, so they are fast and exact. The
+toy-model tests serve the real built-in model through uvicorn on 127.0.0.1
+and ask it with the real ``openai`` client (sync and async) and httpx: right
+answers to colour and shape questions about pictures sent as ``data:`` URIs,
+streaming that joins to the plain answer, 64 concurrent clients, a
+disconnecting client freeing its row, backpressure, and a SIGTERM drain of
+the ``idefics-kit serve`` process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import http.server
+import io
+import json
+import logging
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+
+from idefics_kit import Conversation, GenerationOptions, ImagePart, Result, Usage
+from idefics_kit.errors import GenerationError, InvalidParameterError
+from idefics_kit.server import create_app
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "images"
+MODEL = "toy"
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free loopback port in a thread; yield its base URL."""
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", access_log=False
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive(), "uvicorn did not start"
+        assert time.monotonic() < deadline, "uvicorn did not start in time"
+        time.sleep(0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+
+
+def data_uri(path_or_image: Path | Image.Image) -> str:
+    if isinstance(path_or_image, Path):
+        data = path_or_image.read_bytes()
+    else:
+        buffer = io.BytesIO()
+        path_or_image.save(buffer, format="PNG")
+        data = buffer.getvalue()
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def image_message(url: str, question: str) -> list[dict[str, Any]]:
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
+
+
+def assert_openai_error(
+    response: httpx.Response, status: int, code: str | None = None
+) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert "Traceback" not in error["message"]
+    if code is not None:
+        assert error["code"] == code, error
+    return dict(error)
+
+
+# -- a scripted generator ------------------------------------------------------------------
+
+
+@dataclass
+class FakeStats:
+    queued: int = 0
+    running: int = 0
+    batches: int = 3
+    rows: int = 5
+    completed: int = 5
+    cancelled: int = 0
+    generated_tokens: int = 42
+    busy_seconds: float = 2.0
+
+    @property
+    def mean_batch_size(self) -> float:
+        return self.rows / self.batches
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.busy_seconds
+
+
+class FakeStream:
+    def __init__(self, owner: FakeGenerator, pieces: list[str]) -> None:
+        self._owner = owner
+        self._pieces = list(pieces)
+        self.result: Result | None = None
+        self.closed = False
+
+    def __aiter__(self) -> FakeStream:
+        return self
+
+    async def __anext__(self) -> str:
+        if self._owner.error is not None:
+            raise self._owner.error
+        if self.closed or not self._pieces:
+            if not self.closed:
+                self.result = self._owner.result()
+            raise StopAsyncIteration
+        await asyncio.sleep(self._owner.delay)
+        return self._pieces.pop(0)
+
+    async def aclose(self) -> None:
+        self.closed = True
+        self._owner.closed_streams += 1
+
+
+class FakeGenerator:
+    """The Generator's async surface, scripted: replies ``pieces`` joined, records calls."""
+
+    def __init__(self, pieces: tuple[str, ...] = ("a red", " circle"), delay: float = 0.0) -> None:
+        self.pieces = list(pieces)
+        self.delay = delay
+        self.error: BaseException | None = None
+        self.calls: list[tuple[Conversation, GenerationOptions | None]] = []
+        self.closed_streams = 0
+
+    def result(self) -> Result:
+        text = "".join(self.pieces)
+        return Result(
+            text=text,
+            token_ids=tuple(range(len(self.pieces))),
+            finish_reason="stop",
+            usage=Usage(prompt_tokens=7, completion_tokens=len(self.pieces)),
+        )
+
+    async def agenerate(
+        self,
+        conversation: Conversation,
+        options: GenerationOptions | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> Result:
+        self.calls.append((conversation, options))
+        if self.error is not None:
+            raise self.error
+        await asyncio.sleep(self.delay * len(self.pieces))
+        return self.result()
+
+    def astream(
+        self,
+        conversation: Conversation,
+        options: GenerationOptions | None = None,
+        *,
+        timeout: float | None = None,
+    ) -> FakeStream:
+        self.calls.append((conversation, options))
+        return FakeStream(self, self.pieces)
+
+    def stats(self) -> FakeStats:
+        return FakeStats()
+
+
+@pytest.fixture
+def fake() -> FakeGenerator:
+    return FakeGenerator()
+
+
+@pytest.fixture
+def fake_url(fake: FakeGenerator) -> Iterator[str]:
+    with serving(create_app(fake, served_model_name=MODEL)) as url:  # type: ignore[arg-type]
+        yield url
+
+
+RED = data_uri(EXAMPLES / "red_circle.png")
+
+
+def chat(url: str, body: Any, **kwargs: Any) -> httpx.Response:
+    return httpx.post(f"{url}/v1/chat/completions", json=body, timeout=30, **kwargs)
+
+
+# -- protocol tests (fake generator) ---------------------------------------------------------
+
+
+def test_completion_shape_and_options_reach_the_generator(
+    fake: FakeGenerator, fake_url: str
+) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [
+            {"role": "system", "content": "Answer in one word."},
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": RED}},
+                    {"type": "text", "text": "Color?"},
+                ],
+            },
+            {"role": "assistant", "content": "red"},
+            {"role": "user", "content": "And the shape?"},
+        ],
+        "max_completion_tokens": 9,
+        "max_tokens": 99,  # max_completion_tokens wins
+        "temperature": 0.5,
+        "top_p": 0.9,
+        "seed": 3,
+        "stop": ["\n", "."],
+        "n": 1,
+        "user": "someone",  # known but ignored
+        "some_future_field": {"x": 1},  # unknown: ignored
+    }
+    response = chat(fake_url, body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["object"] == "chat.completion"
+    assert data["id"].startswith("chatcmpl-")
+    assert response.headers["x-request-id"] == data["id"]
+    assert data["model"] == MODEL
+    assert data["choices"] == [
+        {
+            "index": 0,
+            "message": {"role": "assistant", "content": "a red circle", "refusal": None},
+            "logprobs": None,
+            "finish_reason": "stop",
+        }
+    ]
+    assert data["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    conversation, options = fake.calls[-1]
+    assert options == GenerationOptions(
+        max_new_tokens=9, temperature=0.5, top_p=0.9, seed=3, stop=("\n", ".")
+    )
+    assert conversation.system == "Answer in one word."
+    assert [turn.role for turn in conversation.turns] == ["user", "assistant", "user"]
+    image = conversation.turns[0].parts[0]
+    assert isinstance(image, ImagePart)
+    # Decoded by the server in a worker thread, before the engine sees it.
+    assert image.kind == "pil"
+    assert image.load().getpixel((5, 5)) is not None
+
+
+def test_streaming_shape_with_usage(fake_url: str) -> None:
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with httpx.stream("POST", f"{fake_url}/v1/chat/completions", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "a red circle"
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert all(c["usage"] is None for c in chunks[:-1])
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+
+
+def test_streaming_without_usage_has_no_usage_key(fake_url: str) -> None:
+    body = {"messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream("POST", f"{fake_url}/v1/chat/completions", json=body, timeout=30) as response:
+        chunks = [
+            json.loads(line[6:])
+            for line in response.iter_lines()
+            if line and line != "data: [DONE]"
+        ]
+    assert all("usage" not in c for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize(
+    ("body", "param", "code"),
+    [
+        ({"messages": []}, "messages", None),
+        ({"messages": "hi"}, "messages", None),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].role", "invalid_role"),
+        (
+            {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]},
+            "messages[1].role",
+            "invalid_role",
+        ),
+        ({"messages": [{"role": "assistant", "content": "a"}]}, "messages", None),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+            "messages[0].content[0].type",
+            None,
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[0].image_url",
+            "invalid_image",
+        ),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}],
+                    }
+                ]
+            },
+            "messages[0].content[0].image_url",
+            "invalid_image_url",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n", "unsupported_value"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]},
+            "tools",
+            "unsupported_parameter",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 0.5},
+            "presence_penalty",
+            "unsupported_parameter",
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "temperature": 3}, "temperature", None),
+        ({"messages": [{"role": "user", "content": "x"}], "top_p": 0}, "top_p", None),
+        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens", None),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": "9"},
+            "max_completion_tokens",
+            None,
+        ),
+        ({"messages": [{"role": "user", "content": "x"}], "seed": -1}, "seed", None),
+        ({"messages": [{"role": "user", "content": "x"}], "stop": 5}, "stop", None),
+        ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, "stream", None),
+        ([1, 2], "body", None),
+    ],
+    ids=lambda v: None,
+)
+def test_bad_requests_get_400_naming_the_field(
+    fake_url: str, body: Any, param: str, code: str | None
+) -> None:
+    error = assert_openai_error(chat(fake_url, body), 400, code)
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+def test_bad_json_and_too_many_images(fake: FakeGenerator) -> None:
+    app = create_app(fake, served_model_name=MODEL, max_images_per_request=2)  # type: ignore[arg-type]
+    with serving(app) as url:
+        response = httpx.post(
+            f"{url}/v1/chat/completions",
+            content=b'{"messages": [',
+            headers={"content-type": "application/json"},
+        )
+        assert assert_openai_error(response, 400, "invalid_json")["param"] is None
+        parts = [{"type": "image_url", "image_url": {"url": RED}}] * 3
+        error = assert_openai_error(
+            chat(url, {"messages": [{"role": "user", "content": parts}]}), 400, "too_many_images"
+        )
+        assert "at most 2" in error["message"]
+        two = {"messages": [{"role": "user", "content": parts[:2]}]}
+        assert chat(url, two).status_code == 200
+
+
+def test_unknown_model_404_and_models_list(fake_url: str) -> None:
+    error = assert_openai_error(
+        chat(fake_url, {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}),
+        404,
+        "model_not_found",
+    )
+    assert error["param"] == "model"
+    models = httpx.get(f"{fake_url}/v1/models").json()
+    assert models["object"] == "list"
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert httpx.get(f"{fake_url}/v1/models/{MODEL}").json()["id"] == MODEL
+    assert_openai_error(httpx.get(f"{fake_url}/v1/models/other"), 404, "model_not_found")
+    assert_openai_error(httpx.get(f"{fake_url}/v1/nothing"), 404, "not_found")
+    assert_openai_error(httpx.get(f"{fake_url}/v1/chat/completions"), 405, "method_not_allowed")
+
+
+def test_api_key(fake: FakeGenerator) -> None:
+    with serving(create_app(fake, served_model_name=MODEL, api_key="s3cret")) as url:  # type: ignore[arg-type]
+        body = {"messages": [{"role": "user", "content": "x"}]}
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": "s3cret"},
+            {"Authorization": "Basic s3cret"},
+        ):
+            response = chat(url, body, headers=headers)
+            assert assert_openai_error(response, 401, "invalid_api_key")
+            assert response.headers["www-authenticate"] == "Bearer"
+        assert_openai_error(httpx.get(f"{url}/v1/models"), 401, "invalid_api_key")
+        assert chat(url, body, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+        # Health and metrics stay open (probes and scrapers carry no key).
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert httpx.get(f"{url}/metrics").status_code == 200
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0)
+        with pytest.raises(openai.AuthenticationError):
+            client.models.list()
+        good = openai.OpenAI(base_url=f"{url}/v1", api_key="s3cret", max_retries=0)
+        assert [m.id for m in good.models.list()] == [MODEL]
+
+
+def raw_request(url: str, head: bytes, body_prefix: bytes) -> tuple[bytes, float]:
+    """Send ``head`` and only ``body_prefix``; return the response the server sends anyway."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        started = time.monotonic()
+        sock.sendall(head + body_prefix)
+        received = b""
+        while b"\r\n\r\n" not in received or not received.rstrip().endswith(b"}"):
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+        return received, time.monotonic() - started
+
+
+def test_oversized_body_refused_before_it_is_read(fake: FakeGenerator) -> None:
+    with serving(create_app(fake, served_model_name=MODEL, max_request_bytes=1000)) as url:  # type: ignore[arg-type]
+        # Declared too large: 413 with only 10 of the 10 MB sent.
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000000\r\n\r\n"
+        received, seconds = raw_request(url, head, b'{"messages"')
+        assert received.startswith(b"HTTP/1.1 413 "), received
+        error = json.loads(received.split(b"\r\n\r\n", 1)[1])["error"]
+        assert error["code"] == "request_too_large"
+        assert error["type"] == "invalid_request_error"
+        assert seconds < 5
+        # Chunked, no length: refused once more than the limit has arrived, the rest never sent.
+        head = (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        chunk = b"x" * 600
+        received, _ = raw_request(url, head, b"%x\r\n%s\r\n" % (len(chunk), chunk) * 2)
+        assert received.startswith(b"HTTP/1.1 413 "), received
+        assert not fake.calls
+        # Just under the limit is fine.
+        small = {"messages": [{"role": "user", "content": "x" * 800}]}
+        assert chat(url, small).status_code == 200
+
+
+def test_unexpected_failure_is_500_without_traceback(
+    fake: FakeGenerator, fake_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake.error = ZeroDivisionError("secret internal detail")
+    body = {"messages": [{"role": "user", "content": "x"}]}
+    with caplog.at_level(logging.ERROR, logger="idefics_kit.server"):
+        response = chat(fake_url, body)
+    error = assert_openai_error(response, 500, "internal_error")
+    assert error["type"] == "server_error"
+    assert "secret" not in response.text
+    assert "ZeroDivision" not in response.text
+    assert response.headers["x-request-id"] in error["message"]
+    assert "ZeroDivisionError: secret internal detail" in caplog.text  # the log has the traceback
+    request_id = re.search(r"chatcmpl-[0-9a-f]+", error["message"])
+    assert request_id is not None
+    assert request_id.group() in caplog.text
+    # The SDK's own runtime failures too.
+    fake.error = GenerationError("CUDA error: device-side assert")
+    assert "CUDA" not in assert_openai_error(chat(fake_url, body), 500)["message"]
+    # A stream failing after its 200 went out ends with an error event, then [DONE].
+    fake.error = None
+    stream = FakeGenerator(pieces=("a", "b"))
+    with serving(create_app(stream, served_model_name=MODEL)) as url:  # type: ignore[arg-type]
+        original = stream.result
+        stream.result = lambda: (_ for _ in ()).throw(RuntimeError("boom"))  # type: ignore[method-assign]
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json={**body, "stream": True}
+        ) as response:
+            lines = [line for line in response.iter_lines() if line]
+        stream.result = original  # type: ignore[method-assign]
+    assert json.loads(lines[-2][6:])["error"]["code"] == "internal_error"
+    assert lines[-1] == "data: [DONE]"
+    client = openai.OpenAI(base_url=f"{fake_url}/v1", api_key="x", max_retries=0)
+    fake.error = GenerationError("x")
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}])
+
+
+def test_sdk_errors_map_to_statuses(fake: FakeGenerator, fake_url: str) -> None:
+    import idefics_kit.errors as sdk
+
+    body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 5}
+    fake.error = InvalidParameterError(
+        "max_new_tokens", "prompt plus max_new_tokens exceeds the context", 5
+    )
+    assert assert_openai_error(chat(fake_url, body), 400)["param"] == "max_tokens"
+    fake.error = sdk.OverloadedError("the queue is full (max_queued=1)")
+    response = chat(fake_url, body)
+    assert assert_openai_error(response, 503, "overloaded")["type"] == "server_error"
+    assert response.headers["retry-after"] == "1"
+    fake.error = sdk.RequestTimeoutError("no answer within 1 s")
+    assert_openai_error(chat(fake_url, body), 504, "timeout")
+    fake.error = sdk.GeneratorClosedError("closed")
+    assert_openai_error(chat(fake_url, body), 503, "shutting_down")
+    # The same errors before a stream's 200 get their own status, not a broken stream.
+    fake.error = sdk.OverloadedError("full")
+    response = chat(fake_url, {**body, "stream": True})
+    assert_openai_error(response, 503, "overloaded")
+
+
+def test_metrics_text(fake_url: str) -> None:
+    for _ in range(2):
+        assert chat(fake_url, {"messages": [{"role": "user", "content": "x"}]}).status_code == 200
+    chat(fake_url, {"messages": []})
+    text = httpx.get(f"{fake_url}/metrics").text
+    assert (
+        'idefics_kit_http_requests_total{method="POST",route="/v1/chat/completions",status="200"} 2'
+        in text
+    )
+    assert (
+        'idefics_kit_http_requests_total{method="POST",route="/v1/chat/completions",status="400"} 1'
+        in text
+    )
+    assert "idefics_kit_prompt_tokens_total 14" in text
+    assert "idefics_kit_completion_tokens_total 4" in text
+    assert 'idefics_kit_completions_total{finish_reason="stop"} 2' in text
+    assert (
+        'idefics_kit_http_request_duration_seconds_bucket{route="/v1/chat/completions",le="+Inf"} 3'
+        in text
+    )
+    assert 'idefics_kit_http_request_duration_seconds_count{route="/v1/chat/completions"} 3' in text
+    assert "idefics_kit_engine_mean_batch_size 1.6666666666666667" in text
+    assert "idefics_kit_engine_tokens_per_second 21.0" in text
+    assert "# TYPE idefics_kit_http_request_duration_seconds histogram" in text
+    for line in text.splitlines():
+        assert line.startswith("#") or re.fullmatch(
+            r"[a-z_]+(\{[^}]*\})? [0-9.e+-]+|[a-z_]+(\{[^}]*\})? \+Inf", line
+        ), line
+
+
+def test_access_log_line(fake_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="idefics_kit.server.access"):
+        chat(fake_url, {"messages": [{"role": "user", "content": "x"}]})
+        httpx.get(f"{fake_url}/health")
+        # The line is written just after the response went out.
+        deadline = time.monotonic() + 5
+        while len(caplog.records) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    lines = [r.getMessage() for r in caplog.records if r.name == "idefics_kit.server.access"]
+    assert re.fullmatch(
+        r'127\.0\.0\.1:\d+ "POST /v1/chat/completions" 200 tokens=7\+2 \d+\.\d{3}s chatcmpl-[0-9a-f]{32}',
+        lines[0],
+    ), lines
+    assert re.fullmatch(
+        r'127\.0\.0\.1:\d+ "GET /health" 200 tokens=- \d+\.\d{3}s chatcmpl-[0-9a-f]{32}', lines[1]
+    ), lines
+
+
+def test_drain_refuses_new_requests(fake: FakeGenerator) -> None:
+    app = create_app(fake, served_model_name=MODEL)  # type: ignore[arg-type]
+    with serving(app) as url:
+        assert httpx.get(f"{url}/health").json() == {"status": "ok"}
+        app.begin_drain()
+        response = chat(url, {"messages": [{"role": "user", "content": "x"}]})
+        assert_openai_error(response, 503, "shutting_down")
+        assert response.headers["retry-after"] == "1"
+        assert httpx.get(f"{url}/health").status_code == 503
+        assert httpx.get(f"{url}/metrics").status_code == 200
+
+
+def test_client_disconnect_cancels_the_stream(fake: FakeGenerator) -> None:
+    slow = FakeGenerator(pieces=tuple(f"w{i} " for i in range(200)), delay=0.05)
+    app = create_app(slow, served_model_name=MODEL)  # type: ignore[arg-type]
+    with serving(app) as url:
+        body = {"messages": [{"role": "user", "content": "x"}], "stream": True}
+        with httpx.stream("POST", f"{url}/v1/chat/completions", json=body) as response:
+            lines = response.iter_lines()
+            assert next(lines).startswith("data: ")
+            next(lines)
+        deadline = time.monotonic() + 5
+        while (slow.closed_streams == 0 or app.in_flight) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert slow.closed_streams == 1
+        assert app.in_flight == 0
+        # A non-streamed request whose client leaves is cancelled too (nothing is sent).
+        with contextlib.suppress(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json={**body, "stream": False}, timeout=0.3)
+        deadline = time.monotonic() + 5
+        while app.in_flight and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert app.in_flight == 0
+        assert 'status="499"} 2' in httpx.get(f"{url}/metrics").text
+
+
+# -- images: URLs and local files ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def image_server() -> Iterator[str]:
+    png = (EXAMPLES / "red_circle.png").read_bytes()
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(png)))
+            self.end_headers()
+            self.wfile.write(png)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/red.png"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_loopback_url_refused_without_the_flag(fake: FakeGenerator, fake_url: str) -> None:
+    with image_server() as image_url:
+        error = assert_openai_error(
+            chat(fake_url, {"messages": image_message(image_url, "Color?")}), 400, "invalid_image"
+        )
+        assert "private/loopback" in error["message"]
+        assert "allow_private_network" in error["message"]
+        assert not fake.calls
+        with serving(create_app(fake, served_model_name=MODEL, allow_private_network=True)) as url:  # type: ignore[arg-type]
+            assert chat(url, {"messages": image_message(image_url, "Color?")}).status_code == 200
+        image = fake.calls[-1][0].turns[0].parts[0]
+        with Image.open(EXAMPLES / "red_circle.png") as original:
+            assert isinstance(image, ImagePart)
+            assert image.load().size == original.size
+
+
+def test_local_files_only_inside_the_allowed_folder(
+    fake: FakeGenerator, fake_url: str, tmp_path: Path
+) -> None:
+    allowed = tmp_path / "media"
+    allowed.mkdir()
+    inside = allowed / "red.png"
+    inside.write_bytes((EXAMPLES / "red_circle.png").read_bytes())
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(inside.read_bytes())
+    (allowed / "link.png").symlink_to(outside)
+    error = assert_openai_error(
+        chat(fake_url, {"messages": image_message(inside.as_uri(), "x")}), 400, "invalid_image_url"
+    )
+    assert "--allowed-local-media-path" in error["message"]
+    assert_openai_error(
+        chat(fake_url, {"messages": image_message(str(inside), "x")}), 400, "invalid_image_url"
+    )
+    with serving(
+        create_app(fake, served_model_name=MODEL, allowed_local_media_path=str(allowed))
+    ) as url:  # type: ignore[arg-type]
+        assert chat(url, {"messages": image_message(inside.as_uri(), "x")}).status_code == 200
+        assert chat(url, {"messages": image_message(str(inside), "x")}).status_code == 200
+        for refused in (
+            outside.as_uri(),
+            str(allowed / ".." / "secret.png"),
+            (allowed / "link.png").as_uri(),
+            "relative.png",
+            "file://otherhost/etc/passwd",
+        ):
+            assert_openai_error(
+                chat(url, {"messages": image_message(refused, "x")}), 400, "invalid_image_url"
+            )
+        missing = assert_openai_error(
+            chat(url, {"messages": image_message(str(allowed / "nope.png"), "x")}),
+            400,
+            "invalid_image",
+        )
+        assert "not found" in missing["message"]
+
+
+def test_import_idefics_kit_does_not_import_the_server() -> None:
+    code = "import sys, idefics_kit, idefics_kit.cli; print(any(m.split('.')[0] in ('starlette', 'uvicorn') for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
