@@ -20,7 +20,9 @@ import http.server
 import io
 import json
 import logging
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -37,9 +39,9 @@ import pytest
 import uvicorn
 from PIL import Image
 
-from idefics_kit import Conversation, GenerationOptions, ImagePart, Result, Usage
+from idefics_kit import Conversation, GenerationOptions, Generator, ImagePart, Result, Usage
 from idefics_kit.errors import GenerationError, InvalidParameterError
-from idefics_kit.server import create_app
+from idefics_kit.server import ServerApp, create_app
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "images"
 MODEL = "toy"
@@ -723,3 +725,302 @@ def test_import_idefics_kit_does_not_import_the_server() -> None:
     code = "import sys, idefics_kit, idefics_kit.cli; print(any(m.split('.')[0] in ('starlette', 'uvicorn') for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- the toy model, served for real --------------------------------------------------------
+
+EXAMPLE_ANSWERS = {
+    "red_circle.png": {"color": "red", "shape": "circle"},
+    "blue_square.png": {"color": "blue", "shape": "square"},
+    "green_triangle.png": {"color": "green", "shape": "triangle"},
+}
+QUESTIONS = {"color": "What color is the shape?", "shape": "What shape is it?"}
+# (data URI, question, right answer): six questions with six different answers.
+CASES = [
+    (data_uri(EXAMPLES / name), QUESTIONS[kind], answer)
+    for name, answers in EXAMPLE_ANSWERS.items()
+    for kind, answer in answers.items()
+]
+
+
+@pytest.fixture(scope="module")
+def toy() -> Iterator[Generator]:
+    gen = Generator.from_pretrained("toy", device="cpu")
+    yield gen
+    gen.close()
+
+
+@pytest.fixture(scope="module")
+def toy_app(toy: Generator) -> ServerApp:
+    return create_app(toy, served_model_name=MODEL)
+
+
+@pytest.fixture(scope="module")
+def toy_url(toy_app: ServerApp) -> Iterator[str]:
+    with serving(toy_app) as url:
+        yield url
+
+
+def test_toy_answers_colour_and_shape_questions(toy: Generator, toy_url: str) -> None:
+    client = openai.OpenAI(base_url=f"{toy_url}/v1", api_key="unused", max_retries=0)
+    for url, question, answer in CASES:
+        completion = client.chat.completions.create(
+            model=MODEL,
+            messages=image_message(url, question),
+            max_tokens=12,  # type: ignore[arg-type]
+        )
+        assert completion.choices[0].message.content == answer
+        assert completion.choices[0].finish_reason == "stop"
+        # Usage is the SDK's: the same prompt the Generator builds in-process.
+        conversation = Conversation().user(ImagePart.from_base64(url), question)
+        assert completion.usage is not None
+        assert completion.usage.prompt_tokens == len(toy.prompt_token_ids(conversation))
+        assert completion.usage.completion_tokens == 1
+
+
+def test_toy_stream_joins_to_the_plain_answer(toy_url: str) -> None:
+    client = openai.OpenAI(base_url=f"{toy_url}/v1", api_key="unused", max_retries=0)
+    messages = image_message(CASES[0][0], "Describe this image.")
+    plain = client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+    assert plain.choices[0].message.content == "a red circle on the left"
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,  # type: ignore[arg-type]
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([p for p in pieces if p]) > 1  # really streamed, piece by piece
+    assert "".join(pieces) == plain.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finish[-1] == "stop"
+    assert set(finish[:-1]) == {None}
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage == plain.usage
+    assert all(c.usage is None for c in chunks[:-1])
+    # max_tokens cuts it: finish_reason "length", in both modes.
+    short = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)  # type: ignore[arg-type]
+    assert short.choices[0].finish_reason == "length"
+    assert short.usage is not None
+    assert short.usage.completion_tokens == 2
+    streamed = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,  # type: ignore[arg-type]
+            max_tokens=2,
+            stream=True,
+        )
+    )
+    assert streamed[-1].choices[0].finish_reason == "length"
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in streamed)
+        == short.choices[0].message.content
+    )
+
+
+def test_64_concurrent_clients_all_answered_right(toy: Generator, toy_url: str) -> None:
+    clients, per_client = 64, 4
+    batches_before = toy.stats().batches
+
+    async def one_client(client: openai.AsyncOpenAI, number: int) -> list[tuple[str, str, str]]:
+        answers = []
+        for k in range(per_client):
+            url, question, answer = CASES[(number * per_client + k + number // 6) % len(CASES)]
+            if k == 3:  # one of the four is streamed
+                stream = await client.chat.completions.create(
+                    model=MODEL,
+                    messages=image_message(url, question),  # type: ignore[arg-type]
+                    max_tokens=12,
+                    stream=True,
+                )
+                text = "".join(
+                    [c.choices[0].delta.content or "" async for c in stream if c.choices]
+                )
+                answers.append((f"stream-{number}-{k}", text, answer))
+            else:
+                completion = await client.chat.completions.create(
+                    model=MODEL,
+                    messages=image_message(url, question),  # type: ignore[arg-type]
+                    max_tokens=12,
+                )
+                answers.append((completion.id, completion.choices[0].message.content or "", answer))
+        return answers
+
+    async def main() -> list[tuple[str, str, str]]:
+        async with openai.AsyncOpenAI(
+            base_url=f"{toy_url}/v1", api_key="unused", max_retries=0, timeout=120
+        ) as client:
+            results = await asyncio.gather(*(one_client(client, n) for n in range(clients)))
+        return [answer for answers in results for answer in answers]
+
+    started = time.monotonic()
+    answers = asyncio.run(main())
+    elapsed = time.monotonic() - started
+    assert len(answers) == clients * per_client
+    assert len({request_id for request_id, _, _ in answers}) == clients * per_client
+    wrong = [(text, expected) for _, text, expected in answers if text != expected]
+    assert not wrong, wrong
+    stats = toy.stats()
+    # Concurrent clients shared batches: far fewer batches than requests.
+    assert stats.batches - batches_before < clients * per_client / 2, (stats, elapsed)
+
+
+def test_toy_metrics_after_traffic(toy_url: str) -> None:
+    httpx.post(
+        f"{toy_url}/v1/chat/completions",
+        json={"model": MODEL, "messages": image_message(CASES[0][0], CASES[0][1])},
+        timeout=60,
+    )
+    text = httpx.get(f"{toy_url}/metrics").text
+    mean = re.search(r"^idefics_kit_engine_mean_batch_size (\S+)$", text, re.M)
+    assert mean is not None
+    assert float(mean.group(1)) >= 1.0
+    assert re.search(r"^idefics_kit_engine_generated_tokens_total [1-9]\d*$", text, re.M)
+    assert re.search(r"^idefics_kit_prompt_tokens_total [1-9]\d*$", text, re.M)
+    assert "idefics_kit_engine_queued_requests 0" in text
+
+
+# -- long answers: a tiny random checkpoint that talks until max_tokens ----------------------
+
+
+@pytest.fixture(scope="module")
+def chatty_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from idefics_kit.testing import build_tiny_checkpoint
+
+    return build_tiny_checkpoint("idefics3", tmp_path_factory.mktemp("chatty") / "idefics3")
+
+
+@pytest.fixture(scope="module")
+def chatty(chatty_path: Path) -> Iterator[Generator]:
+    # One row at a time and one waiting: a row left running would delay everyone.
+    gen = Generator.from_pretrained(chatty_path, device="cpu", max_batch_size=1, max_queued=1)
+    yield gen
+    gen.close()
+
+
+def long_request(max_tokens: int, *, stream: bool) -> dict[str, Any]:
+    return {
+        "messages": image_message(CASES[0][0], "Describe this image."),
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
+
+
+def wait_for(condition: Any, seconds: float = 10) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def test_disconnect_mid_stream_frees_the_row_and_full_queue_gets_503(chatty: Generator) -> None:
+    app = create_app(chatty, served_model_name=MODEL)
+    with serving(app) as url:
+        started = time.monotonic()
+        short = httpx.post(
+            f"{url}/v1/chat/completions", json=long_request(10, stream=False), timeout=60
+        )
+        solo = time.monotonic() - started
+        assert short.json()["choices"][0]["finish_reason"] == "length"
+        cancelled = chatty.stats().cancelled
+
+        # A stream of 1900 tokens would hold the only row for tens of seconds.
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json=long_request(1900, stream=True), timeout=60
+        ) as response:
+            lines = (line for line in response.iter_lines() if line)
+            for _ in range(4):
+                assert next(lines).startswith("data: ")
+            assert chatty.stats().running == 1
+            # While it runs: one more may wait (max_queued=1), the next is refused at once.
+            waiting = threading.Thread(
+                target=httpx.post,
+                args=(f"{url}/v1/chat/completions",),
+                kwargs={"json": long_request(10, stream=False), "timeout": 60},
+            )
+            waiting.start()
+            wait_for(lambda: chatty.stats().queued == 1)
+            refused = httpx.post(
+                f"{url}/v1/chat/completions", json=long_request(10, stream=False), timeout=10
+            )
+            assert_openai_error(refused, 503, "overloaded")
+            assert refused.headers["retry-after"] == "1"
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            with pytest.raises(openai.APIStatusError) as info:
+                client.chat.completions.create(
+                    model=MODEL, messages=long_request(10, stream=False)["messages"]
+                )
+            assert info.value.status_code == 503
+        # The client is gone: its row is freed at the next step, the waiting one runs.
+        waiting.join(30)
+        assert not waiting.is_alive()
+        wait_for(lambda: chatty.stats().cancelled == cancelled + 1 and app.in_flight == 0)
+        started = time.monotonic()
+        after = httpx.post(
+            f"{url}/v1/chat/completions", json=long_request(10, stream=False), timeout=60
+        )
+        assert after.status_code == 200
+        # Not delayed by the abandoned 1900-token stream (which would take ~100 x solo).
+        assert time.monotonic() - started < max(5.0, 10 * solo)
+        assert chatty.stats().running == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def test_sigterm_drains_then_exits_0(chatty_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    command = [
+        sys.executable, "-m", "idefics_kit", "serve", "--model", str(chatty_path),
+        "--served-model-name", MODEL, "--port", str(port), "--drain-seconds", "60",
+        "--access-log", "--device", "cpu",
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True
+    )
+    try:
+
+        def healthy() -> bool:
+            assert process.poll() is None, process.communicate()
+            with contextlib.suppress(httpx.HTTPError):
+                return httpx.get(f"{url}/health", timeout=1).status_code == 200
+            return False
+
+        wait_for(healthy, 120)
+        chunks: list[str] = []
+        with httpx.stream(
+            "POST", f"{url}/v1/chat/completions", json=long_request(400, stream=True), timeout=60
+        ) as response:
+            lines = (line for line in response.iter_lines() if line)
+            chunks.append(next(lines))
+            process.send_signal(signal.SIGTERM)
+            wait_for(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 503)
+            refused = httpx.post(
+                f"{url}/v1/chat/completions", json=long_request(5, stream=False), timeout=10
+            )
+            assert_openai_error(refused, 503, "shutting_down")
+            chunks.extend(lines)
+        # The stream in flight ran to its end.
+        assert chunks[-1] == "data: [DONE]"
+        final = json.loads([c for c in chunks if c.startswith("data: {")][-1][6:])
+        assert final["choices"][0]["finish_reason"] == "length"
+        stopped = time.monotonic()
+        out, err = process.communicate(timeout=60)
+        assert process.returncode == 0, err
+        assert time.monotonic() - stopped < 30, err
+        assert "draining" in err
+        # The access log: one line per request, with its tokens.
+        assert re.search(r'"POST /v1/chat/completions" 200 tokens=\d+\+400 ', out), out
+        assert re.search(r'"POST /v1/chat/completions" 503 tokens=- ', out), out
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
