@@ -13,24 +13,31 @@ from idefics_kit.errors import (
     ConversationError,
     DeviceError,
     GenerationError,
+    GeneratorClosedError,
     IdeficsKitError,
     ImageLoadError,
     InvalidParameterError,
     ModelLoadError,
+    OverloadedError,
+    RequestTimeoutError,
     RuntimeFailure,
     UsageError,
 )
 from idefics_kit.family import Family
 from idefics_kit.images import ImagePart
 from idefics_kit.options import GenerationOptions
-from idefics_kit.results import FinishReason, Result, Usage
+from idefics_kit.results import ChoiceScore, FinishReason, Result, TokenLogprob, Usage
 
 if TYPE_CHECKING:
     from idefics_kit.generator import Generator
+    from idefics_kit.scheduler import SchedulerStats
+    from idefics_kit.streams import AsyncTextStream, TextStream
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncTextStream",
+    "ChoiceScore",
     "Conversation",
     "ConversationError",
     "DeviceError",
@@ -39,14 +46,20 @@ __all__ = [
     "GenerationError",
     "GenerationOptions",
     "Generator",
+    "GeneratorClosedError",
     "IdeficsKitError",
     "ImageLoadError",
     "ImagePart",
     "InvalidParameterError",
     "ModelLoadError",
+    "OverloadedError",
+    "RequestTimeoutError",
     "Result",
     "RuntimeFailure",
+    "SchedulerStats",
     "TextPart",
+    "TextStream",
+    "TokenLogprob",
     "Turn",
     "Usage",
     "UsageError",
@@ -54,11 +67,19 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> object:
-    # Generator pulls in torch and transformers: load them on first use, so
-    # `import idefics_kit` (and `idefics-kit --help`) stays fast.
-    if name == "Generator":
-        from idefics_kit.generator import Generator
+_LAZY = {
+    "Generator": "idefics_kit.generator",
+    "SchedulerStats": "idefics_kit.scheduler",
+    "TextStream": "idefics_kit.streams",
+    "AsyncTextStream": "idefics_kit.streams",
+}
 
-        return Generator
+
+def __getattr__(name: str) -> object:
+    # These pull in torch and transformers: load them on first use, so
+    # `import idefics_kit` (and `idefics-kit --help`) stays fast.
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'idefics_kit' has no attribute {name!r}")

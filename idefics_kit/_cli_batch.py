@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import signal
 import threading
 import time
@@ -58,8 +57,6 @@ __all__ = [
 Row = dict[str, Any]
 
 _UTF8_BOM = b"\xef\xbb\xbf"
-_BATCH_POSITION = re.compile(r"conversation \d+: ")
-
 
 class RecordError(UsageError):
     """A JSONL line that is not an object with a non-empty string ``id`` and ``messages``."""
@@ -307,10 +304,10 @@ def result_row(record: Record, result: Result) -> Row:
 def error_row(record: Record, exc: BaseException) -> Row:
     """The output row of an input that failed with ``exc``.
 
-    The ``conversation N: `` prefix of a batch error is dropped: N is the
+    The error's batch position (``exc.index``) is not repeated: it is the
     input's position in one run, and the row's id already says which input.
     """
-    message = _BATCH_POSITION.sub("", cli_message(str(exc)), count=1)
+    message = cli_message(str(exc))
     return _row(
         record,
         text=None,

@@ -1,17 +1,23 @@
 """The only module that calls ``model.generate``.
 
-It builds the generation arguments from :class:`GenerationOptions` and the
-adapter's stop/banned ids, stops rows on stop strings, and turns generated ids
-into :class:`Result` values. ``generate`` and ``stream`` share
-:func:`finish`, so a stream's pieces always join to ``generate``'s text.
+One micro-batch is a list of :class:`Row` values, each with options of its
+own: the batch runs to the largest ``max_new_tokens`` and each row stops at
+its own limit, stop strings, or cancellation; greedy and (seeded) sampled
+rows, and rows with different repetition penalties, decode side by side.
+Everything per row is computed from that row alone (its own sampling
+generator, its own penalty over its own tokens, padding excluded), so a row's
+tokens do not depend on what shares its batch.
+
+Results and streams share :func:`finish`, and a streaming row's
+:class:`TextDecoder` emits only prefixes of ``finish``'s text, so a stream's
+pieces always join to the final text.
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Generator, Sequence
-from dataclasses import dataclass
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -33,7 +39,7 @@ from idefics_kit.families.base import FamilyAdapter
 from idefics_kit.options import GenerationOptions
 from idefics_kit.results import FinishReason, Result, Usage
 
-__all__ = ["finish", "generate", "stream"]
+__all__ = ["Finished", "Row", "TextDecoder", "finish", "generate"]
 
 # Rows are checked for stop strings on this many trailing tokens beyond the
 # longest stop string: enough for every token to add at least one character
@@ -86,108 +92,180 @@ def _first_completing_token(adapter: FamilyAdapter, ids: list[int], stop: tuple[
     return low
 
 
-class _StopStrings(StoppingCriteria):  # type: ignore[misc]
-    """Ends a row once its generated text contains a stop string."""
+def _never() -> bool:
+    return False
 
-    def __init__(self, adapter: FamilyAdapter, stop: tuple[str, ...], prompt_length: int) -> None:
+
+@dataclass(slots=True, kw_only=True)
+class Row:
+    """One conversation of a micro-batch: its options, and its caller's hooks.
+
+    ``on_token`` (streams) gets each generated token id as soon as the step
+    that made it ends; ``cancelled`` is polled after every step, and a row
+    for which it returns True stops there without touching the others.
+    """
+
+    options: GenerationOptions
+    on_token: Callable[[int], None] | None = None
+    cancelled: Callable[[], bool] = field(default=_never)
+
+
+class _RowStops(StoppingCriteria):  # type: ignore[misc]
+    """Ends each row at its own ``max_new_tokens``, stop strings or cancellation."""
+
+    def __init__(self, adapter: FamilyAdapter, rows: Sequence[Row], prompt_length: int) -> None:
         self.adapter = adapter
-        self.stop = stop
+        self.rows = rows
         self.prompt_length = prompt_length
-        self.window = max(len(s) for s in stop) + _STOP_WINDOW_SLACK
+        self.finished = [False] * len(rows)
+        self.windows = [
+            max(len(s) for s in row.options.stop) + _STOP_WINDOW_SLACK if row.options.stop else 0
+            for row in rows
+        ]
 
     def __call__(
         self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
     ) -> torch.Tensor:
-        tails = input_ids[:, max(self.prompt_length, input_ids.shape[1] - self.window) :].tolist()
-        done = [_find_stop(self.adapter.decode(tail), self.stop) is not None for tail in tails]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        made = input_ids.shape[1] - self.prompt_length
+        for index, row in enumerate(self.rows):
+            if self.finished[index]:
+                continue
+            options = row.options
+            if made >= options.max_new_tokens or row.cancelled():
+                self.finished[index] = True
+            elif options.stop:
+                start = max(self.prompt_length, input_ids.shape[1] - self.windows[index])
+                tail = self.adapter.decode(input_ids[index, start:].tolist())
+                self.finished[index] = _find_stop(tail, options.stop) is not None
+        return torch.tensor(self.finished, dtype=torch.bool, device=input_ids.device)
 
 
-class _Cancelled(StoppingCriteria):  # type: ignore[misc]
-    """Ends every row once ``event`` is set (a stream closed early)."""
+class _RowRepetitionPenalty(LogitsProcessor):  # type: ignore[misc]
+    """transformers' repetition penalty, per row, over the row's own tokens only.
 
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+    transformers' processor takes one penalty for the batch and also counts
+    the left padding, which makes a row's answer depend on its batch.
+    """
 
-    def __call__(
-        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
-    ) -> torch.Tensor:
-        return torch.full(
-            (input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device
+    def __init__(self, rows: Sequence[Row], padding: Sequence[int], device: torch.device) -> None:
+        self.penalty = torch.tensor(
+            [[row.options.repetition_penalty] for row in rows], device=device
         )
-
-
-class _SeededSampler(LogitsProcessor):  # type: ignore[misc]
-    """Samples every row with a generator of its own, seeded with ``options.seed``."""
-
-    def __init__(self, options: GenerationOptions) -> None:
-        assert options.seed is not None
-        self.seed = options.seed
-        self.warpers: list[Any] = [TemperatureLogitsWarper(options.temperature)]
-        if options.top_k is not None:
-            self.warpers.append(TopKLogitsWarper(options.top_k))
-        if options.top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(options.top_p))
-        self.generators: list[torch.Generator] = []
+        self.padding = list(padding)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if not self.generators:
-            self.generators = [
-                torch.Generator(scores.device).manual_seed(self.seed)
-                for _ in range(scores.shape[0])
-            ]
-        for warper in self.warpers:
-            scores = warper(input_ids, scores)
-        probs = torch.softmax(scores.float(), dim=-1)
-        picks = torch.cat(
-            [
-                torch.multinomial(row, 1, generator=g)
-                for row, g in zip(probs, self.generators, strict=True)
-            ]
-        )
-        chosen = torch.full_like(scores, -float("inf"))
-        chosen[torch.arange(scores.shape[0], device=scores.device), picks] = 0.0
-        return chosen
+        ids = input_ids.clone()
+        for row, pads in enumerate(self.padding):
+            if pads:
+                # Padding positions repeat the row's first real token: no effect.
+                ids[row, :pads] = input_ids[row, pads]
+        picked = torch.gather(scores, 1, ids)
+        penalty = self.penalty.to(picked.dtype)
+        picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+        return scores.scatter(1, ids, picked)
+
+
+class _RowSampler(LogitsProcessor):  # type: ignore[misc]
+    """Samples each sampling row with its own generator; greedy rows pass through.
+
+    A sampled row's scores become 0 for the pick and -inf elsewhere, so the
+    greedy search that ``generate`` runs takes it. A row with a ``seed``
+    always draws the same numbers, whatever else is in the batch.
+    """
+
+    def __init__(self, rows: Sequence[Row], device: torch.device) -> None:
+        self.samplers: list[tuple[int, list[Any], torch.Generator]] = []
+        for index, row in enumerate(rows):
+            options = row.options
+            if options.greedy:
+                continue
+            warpers: list[Any] = [TemperatureLogitsWarper(options.temperature)]
+            if options.top_k is not None:
+                warpers.append(TopKLogitsWarper(options.top_k))
+            if options.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(options.top_p))
+            seed = options.seed if options.seed is not None else secrets.randbits(63)
+            self.samplers.append((index, warpers, torch.Generator(device).manual_seed(seed)))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        out = scores.clone()
+        for index, warpers, generator in self.samplers:
+            row = scores[index : index + 1]
+            for warper in warpers:
+                row = warper(input_ids[index : index + 1], row)
+            probs = torch.softmax(row.float(), dim=-1)
+            pick = torch.multinomial(probs[0], 1, generator=generator)
+            out[index] = -float("inf")
+            out[index, pick] = 0.0
+        return out
+
+
+class _RowStreamer(BaseStreamer):  # type: ignore[misc]
+    """Hands each streaming row its new token ids; skips the prompt and finished rows."""
+
+    def __init__(self, rows: Sequence[Row], stops: _RowStops, stop_ids: set[int]) -> None:
+        self.sinks = [row.on_token for row in rows]
+        self.stops = stops
+        self.stop_ids = stop_ids
+        self.ended = [sink is None for sink in self.sinks]
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        for index, token in enumerate(value.reshape(-1).tolist()):
+            # Rows that ended on an earlier step only get padding from now on.
+            if self.ended[index] or self.stops.finished[index]:
+                continue
+            sink = self.sinks[index]
+            assert sink is not None
+            sink(token)
+            self.ended[index] = token in self.stop_ids
+
+    def end(self) -> None:
+        pass
 
 
 def _generate_kwargs(
-    adapter: FamilyAdapter, options: GenerationOptions, prompt_length: int
-) -> dict[str, Any]:
+    adapter: FamilyAdapter, rows: Sequence[Row], inputs: Any
+) -> tuple[dict[str, Any], _RowStops]:
     # Every decoding setting is passed explicitly so that defaults saved in a
-    # checkpoint's generation config (do_sample, temperature, top_k ...) never
-    # change what the options say.
+    # checkpoint's generation config (do_sample, temperature, top_k,
+    # repetition_penalty ...) never change what the options say. Sampling is
+    # done per row by _RowSampler, so generate() itself always runs greedy.
+    prompt_length = int(inputs["input_ids"].shape[1])
+    device = inputs["input_ids"].device
     kwargs: dict[str, Any] = {
-        "max_new_tokens": options.max_new_tokens,
+        "max_new_tokens": max(row.options.max_new_tokens for row in rows),
         "num_beams": 1,
-        "do_sample": not options.greedy,
+        "do_sample": False,
         "eos_token_id": list(adapter.stop_token_ids),
         "pad_token_id": adapter.pad_token_id,
-        "repetition_penalty": options.repetition_penalty,
+        "repetition_penalty": 1.0,
     }
     if adapter.banned_token_ids:
         kwargs["bad_words_ids"] = [[token] for token in adapter.banned_token_ids]
-    if not options.greedy and options.seed is None:
-        kwargs["temperature"] = options.temperature
-        kwargs["top_p"] = options.top_p
-        kwargs["top_k"] = options.top_k or 0
-    elif not options.greedy:
-        # Seeded sampling draws each row from its own generator and hands the
-        # pick to greedy search, so a row's answer does not depend on its batch.
-        kwargs["do_sample"] = False
-        kwargs["logits_processor"] = LogitsProcessorList([_SeededSampler(options)])
-    criteria = []
-    if options.stop:
-        criteria.append(_StopStrings(adapter, options.stop, prompt_length))
-    kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
-    return kwargs
+    processors: list[Any] = []
+    if any(row.options.repetition_penalty != 1.0 for row in rows):
+        padding = (prompt_length - inputs["attention_mask"].sum(dim=1)).tolist()
+        processors.append(_RowRepetitionPenalty(rows, padding, device))
+    if any(not row.options.greedy for row in rows):
+        processors.append(_RowSampler(rows, device))
+    kwargs["logits_processor"] = LogitsProcessorList(processors)
+    stops = _RowStops(adapter, rows, prompt_length)
+    kwargs["stopping_criteria"] = StoppingCriteriaList([stops])
+    if any(row.on_token is not None for row in rows):
+        kwargs["streamer"] = _RowStreamer(rows, stops, set(adapter.stop_token_ids))
+    return kwargs, stops
 
 
-def generate(
-    model: Any, adapter: FamilyAdapter, inputs: Any, options: GenerationOptions
-) -> list[Result]:
-    """Run one micro-batch (already left-padded, on the model's device)."""
+def generate(model: Any, adapter: FamilyAdapter, inputs: Any, rows: Sequence[Row]) -> list[Result]:
+    """Run one micro-batch (already left-padded, on the model's device); a Result per row."""
+    if len(rows) != int(inputs["input_ids"].shape[0]):
+        raise ValueError(f"{len(rows)} rows for a batch of {inputs['input_ids'].shape[0]}")
+    kwargs, _ = _generate_kwargs(adapter, rows, inputs)
     prompt_length = int(inputs["input_ids"].shape[1])
-    kwargs = _generate_kwargs(adapter, options, prompt_length)
     try:
         with torch.inference_mode():
             output = model.generate(**inputs, **kwargs)
@@ -197,100 +275,63 @@ def generate(
         raise GenerationError(f"model.generate failed: {type(exc).__name__}: {exc}") from exc
     prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
     results = []
-    for row, generated in enumerate(output[:, prompt_length:].tolist()):
-        done = finish(adapter, generated, options.stop)
+    for index, (row, generated) in enumerate(
+        zip(rows, output[:, prompt_length:].tolist(), strict=True)
+    ):
+        # Past its own limit a row holds only what other rows' steps padded in.
+        done = finish(adapter, generated[: row.options.max_new_tokens], row.options.stop)
         results.append(
             Result(
                 text=done.text,
                 token_ids=done.token_ids,
                 finish_reason=done.finish_reason,
                 usage=Usage(
-                    prompt_tokens=int(prompt_tokens[row]), completion_tokens=len(done.token_ids)
+                    prompt_tokens=int(prompt_tokens[index]),
+                    completion_tokens=len(done.token_ids),
                 ),
             )
         )
     return results
 
 
-class _QueueStreamer(BaseStreamer):  # type: ignore[misc]
-    """Hands each new token id to the consumer thread; skips the prompt."""
-
-    def __init__(self, sink: queue.Queue[object]) -> None:
-        self.sink = sink
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        self.sink.put(value.reshape(-1).tolist())
-
-    def end(self) -> None:
-        pass
-
-
-_DONE = object()
-
-
-def stream(
-    model: Any, adapter: FamilyAdapter, inputs: Any, options: GenerationOptions
-) -> Generator[str, None, None]:
-    """Yield text pieces of a single conversation as soon as they are final.
+class TextDecoder:
+    """Turns one row's token ids, as they arrive, into text pieces that are final.
 
     A piece is held back only while it ends in an incomplete character or in
-    what could be the start of a stop string. The pieces join to exactly
-    ``finish(...).text`` of the same ids.
+    what could be the start of a stop string. The pieces, followed by
+    :meth:`rest` of the final result, join to exactly ``finish(...).text``.
     """
-    prompt_length = int(inputs["input_ids"].shape[1])
-    kwargs = _generate_kwargs(adapter, options, prompt_length)
-    cancel = threading.Event()
-    kwargs["stopping_criteria"].append(_Cancelled(cancel))
-    sink: queue.Queue[object] = queue.Queue()
-    kwargs["streamer"] = _QueueStreamer(sink)
 
-    def work() -> None:
-        try:
-            with torch.inference_mode():
-                model.generate(**inputs, **kwargs)
-        except BaseException as exc:  # handed to the consumer, re-raised there
-            sink.put(exc)
-        finally:
-            sink.put(_DONE)
+    def __init__(self, adapter: FamilyAdapter, options: GenerationOptions) -> None:
+        self.adapter = adapter
+        self.stop = options.stop
+        self.limit = options.max_new_tokens
+        self.stop_ids = set(adapter.stop_token_ids)
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.ended = False
 
-    worker = threading.Thread(target=work, name="idefics-kit-stream", daemon=True)
-    worker.start()
-    stop_ids = set(adapter.stop_token_ids)
-    ids: list[int] = []
-    emitted = ""
-    ended = False
-    try:
-        while (item := sink.get()) is not _DONE:
-            if isinstance(item, torch.OutOfMemoryError):
-                raise item  # as in generate(): callers may retry with less memory
-            if isinstance(item, BaseException):
-                raise GenerationError(
-                    f"model.generate failed: {type(item).__name__}: {item}"
-                ) from item
-            if ended:
-                continue
-            assert isinstance(item, list)
-            for token in item:
-                if token in stop_ids:
-                    ended = True
-                    break
-                ids.append(token)
-            safe = _safe_text(adapter.decode(ids), options.stop)
-            if safe is None:
-                ended = True
-            elif len(safe) > len(emitted) and safe.startswith(emitted):
-                yield safe[len(emitted) :]
-                emitted = safe
-        final = finish(adapter, ids, options.stop).text
-        if len(final) > len(emitted):
-            yield final[len(emitted) :]
-    finally:
-        cancel.set()
-        worker.join()
+    def feed(self, tokens: Sequence[int]) -> str:
+        """The new final text after ``tokens`` ("" when nothing new is final yet)."""
+        if self.ended:
+            return ""
+        for token in tokens:
+            if token in self.stop_ids or len(self.ids) >= self.limit:
+                self.ended = True
+                break
+            self.ids.append(token)
+        safe = _safe_text(self.adapter.decode(self.ids), self.stop)
+        if safe is None:
+            self.ended = True
+            return ""
+        if len(safe) > len(self.emitted) and safe.startswith(self.emitted):
+            piece, self.emitted = safe[len(self.emitted) :], safe
+            return piece
+        return ""
+
+    def rest(self, final_text: str) -> str:
+        """What remains of ``final_text`` after the pieces already emitted."""
+        return final_text[len(self.emitted) :] if len(final_text) > len(self.emitted) else ""
 
 
 def _safe_text(text: str, stop: tuple[str, ...]) -> str | None:

@@ -7,15 +7,21 @@ Every error the SDK raises on purpose is an :class:`IdeficsKitError`, so one
     ├── UsageError                  the caller passed something wrong (fix the call)
     │   ├── InvalidParameterError   an option out of range or of the wrong type (also ValueError)
     │   ├── ConversationError       a conversation the model cannot take (also ValueError)
-    │   └── ImageLoadError          an image source that cannot be read or decoded
+    │   ├── ImageLoadError          an image source that cannot be read or decoded
+    │   └── GeneratorClosedError    the Generator was closed (before or while the call waited)
     └── RuntimeFailure              the environment failed (fix the setup, not the call)
         ├── ModelLoadError          not a loadable IDEFICS-family checkpoint
         ├── DeviceError             a device or dtype that is not available here
-        └── GenerationError         the model failed while generating
+        ├── GenerationError         the model failed while generating
+        ├── OverloadedError         the request queue is full; retry later
+        └── RequestTimeoutError     the call's ``timeout`` passed (also TimeoutError)
 
 Misuse errors (``UsageError``) are raised before any model work, so a batch
 with a bad item fails without having spent time on the good ones. Messages say
-what was wrong, with which input, what was allowed and what was received.
+what was wrong, what was allowed and what was received. An error that belongs
+to one input of a batch carries that input's position in ``index`` (None
+otherwise); the message itself does not repeat it, so the edges (the CLI, the
+HTTP server) can name the input their own way.
 """
 
 from __future__ import annotations
@@ -24,17 +30,33 @@ __all__ = [
     "ConversationError",
     "DeviceError",
     "GenerationError",
+    "GeneratorClosedError",
     "IdeficsKitError",
     "ImageLoadError",
     "InvalidParameterError",
     "ModelLoadError",
+    "OverloadedError",
+    "RequestTimeoutError",
     "RuntimeFailure",
     "UsageError",
 ]
 
 
 class IdeficsKitError(Exception):
-    """Base class of every error idefics_kit raises on purpose."""
+    """Base class of every error idefics_kit raises on purpose.
+
+    ``index`` is the position of the input it belongs to in a batch call
+    (``generate_batch``, ``iter_batch``), else None.
+    """
+
+    index: int | None = None
+
+    def at_index(self, index: int) -> IdeficsKitError:
+        """Mark this error as belonging to input ``index`` of a batch; returns self."""
+        self.index = index
+        if hasattr(self, "add_note"):  # Python 3.11+: tracebacks show the position
+            self.add_note(f"(input {index} of the batch)")
+        return self
 
 
 class UsageError(IdeficsKitError):
@@ -72,6 +94,10 @@ class ImageLoadError(UsageError):
         self.source = source
 
 
+class GeneratorClosedError(UsageError):
+    """The Generator was closed: calls after ``close()``, and requests still waiting then."""
+
+
 class RuntimeFailure(IdeficsKitError):
     """Something outside the call failed: files, hardware or the model."""
 
@@ -86,3 +112,14 @@ class DeviceError(RuntimeFailure):
 
 class GenerationError(RuntimeFailure):
     """The model raised while generating; the original error is ``__cause__``."""
+
+
+class OverloadedError(RuntimeFailure):
+    """The request queue is full (``max_queued``): retry later or raise the bound.
+
+    Raised at once, before the request waits anywhere.
+    """
+
+
+class RequestTimeoutError(RuntimeFailure, TimeoutError):
+    """The call's ``timeout`` passed before its answer was complete; its row was freed."""

@@ -1,45 +1,57 @@
 """``Generator``: load a checkpoint once, answer conversations.
 
-A thin facade: it validates input, decodes images, asks the family adapter
-for model inputs and hands them to the engine. Calls on one Generator are
-serialised by a lock, so a Generator may be shared between threads.
+A thin facade: it validates input, has each conversation prepared (checked,
+images decoded, prompt encoded) in the calling thread (or, for the async
+methods, a worker thread off the event loop) and submits it to the
+:class:`~idefics_kit.scheduler.Scheduler`, whose one worker thread owns the
+model. Concurrent callers therefore share micro-batches; each gets the token
+ids a lone call would have given.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import math
 import os
 import threading
+import time
+import weakref
 from collections import abc
-from collections.abc import Iterable, Iterator, Sized
-from typing import Any, Literal
+from collections.abc import Callable, Iterable, Sized
+from types import TracebackType
+from typing import Any, Literal, TypeVar
 
 import torch
-from transformers import BatchFeature
 
-from idefics_kit import engine, runner
+from idefics_kit import runner
+from idefics_kit.batching import plan
 from idefics_kit.conversation import Conversation
 from idefics_kit.devices import DeviceLike, DTypeLike, resolve_device, resolve_dtype
+from idefics_kit.engine import TextDecoder
 from idefics_kit.errors import (
     ConversationError,
     InvalidParameterError,
     ModelLoadError,
-    UsageError,
+    RequestTimeoutError,
 )
 from idefics_kit.families import ADAPTERS, Family, FamilyAdapter, adapter_for
 from idefics_kit.options import GenerationOptions
 from idefics_kit.progress import ProgressBar
 from idefics_kit.results import Result
-from idefics_kit.runner import OnError
+from idefics_kit.runner import OnError, Prepared
+from idefics_kit.scheduler import Outcome, Request, Scheduler, SchedulerStats
+from idefics_kit.streams import AsyncTextStream, TextStream
 from idefics_kit.toy import TOY_MODEL
 from idefics_kit.toy import checkpoint_path as toy_checkpoint_path
 from idefics_kit.vision_cache import VisionCache, VisionCacheStats
 
 __all__ = ["Generator"]
 
-_DEFAULT_BATCH_SIZE = 8
 DEFAULT_VISION_CACHE_MB = 256.0
+DEFAULT_MAX_QUEUED = 1024
 BatchSize = int | Literal["auto"]
+T = TypeVar("T")
 
 
 class Generator:
@@ -50,16 +62,46 @@ class Generator:
     """
 
     def __init__(
-        self, model: Any, processor: Any, adapter: FamilyAdapter, vision_cache_mb: float
+        self,
+        model: Any,
+        processor: Any,
+        adapter: FamilyAdapter,
+        vision_cache_mb: float,
+        *,
+        max_batch_size: BatchSize = "auto",
+        max_wait_ms: float = 0.0,
+        max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> None:
+        _check_batch_size("max_batch_size", max_batch_size)
+        wait = max_wait_ms if isinstance(max_wait_ms, (int, float)) else math.nan
+        if isinstance(max_wait_ms, bool) or not (math.isfinite(wait) and wait >= 0):
+            raise InvalidParameterError(
+                "max_wait_ms",
+                f"max_wait_ms must be a finite number >= 0 (0: never wait), got {max_wait_ms!r}",
+                max_wait_ms,
+            )
+        if isinstance(max_queued, bool) or not isinstance(max_queued, int) or max_queued < 1:
+            raise InvalidParameterError(
+                "max_queued", f"max_queued must be an int >= 1, got {max_queued!r}", max_queued
+            )
         self.model = model
         self.processor = processor
         self._adapter = adapter
         self._cache = VisionCache(vision_cache_mb) if vision_cache_mb != 0 else None
         limit = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         self._context: int | None = int(limit) if isinstance(limit, int) else None
-        self._lock = threading.Lock()
-        self._owner: int | None = None
+        self.max_batch_size: BatchSize = max_batch_size
+        self.max_wait_ms = float(wait)
+        self.max_queued = max_queued
+        self._scheduler = Scheduler(
+            runner.Runner(model, adapter, self._cache),
+            max_batch_size=_batch_limit(model, max_batch_size),
+            max_wait_ms=self.max_wait_ms,
+            max_queued=max_queued,
+        )
+        # The worker thread holds the scheduler, not the Generator: dropping
+        # the last reference to a Generator stops its worker.
+        weakref.finalize(self, self._scheduler.close)
 
     # -- construction -------------------------------------------------------
 
@@ -78,6 +120,9 @@ class Generator:
         attn_implementation: str | None = None,
         vision_cache_mb: float = DEFAULT_VISION_CACHE_MB,
         allow_pickle: bool = False,
+        max_batch_size: BatchSize = "auto",
+        max_wait_ms: float = 0.0,
+        max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> Generator:
         """Load a checkpoint of any supported family from the hub or a folder.
 
@@ -92,6 +137,14 @@ class Generator:
         instead, for models spread over several GPUs. ``vision_cache_mb``
         bounds the cache of vision-encoder outputs (keyed by image content, so
         asking about the same picture again skips the encoder); 0 turns it off.
+
+        ``max_batch_size``, ``max_wait_ms`` and ``max_queued`` configure how
+        concurrent calls share the model (docs/concurrency.md): at most
+        ``max_batch_size`` rows per micro-batch (``"auto"``: as many as fit in
+        free GPU memory, 8 on the CPU); ``max_wait_ms`` > 0 lets the worker
+        wait that long for more rows before starting a batch that is not full
+        (default 0: never wait); past ``max_queued`` waiting rows, a call fails
+        at once with :class:`~idefics_kit.OverloadedError`.
 
         Weights load only from safetensors files: pickled ``.bin`` weights can
         run code while loading, so a checkpoint that has only those needs
@@ -150,15 +203,31 @@ class Generator:
             model.to(target)
         model.eval()
         adapter = adapter_cls(processor, model.generation_config)
-        return cls(model, processor, adapter, vision_cache_mb)
+        return cls(
+            model,
+            processor,
+            adapter,
+            vision_cache_mb,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            max_queued=max_queued,
+        )
 
     @classmethod
     def from_model(
-        cls, model: Any, processor: Any, *, vision_cache_mb: float = DEFAULT_VISION_CACHE_MB
+        cls,
+        model: Any,
+        processor: Any,
+        *,
+        vision_cache_mb: float = DEFAULT_VISION_CACHE_MB,
+        max_batch_size: BatchSize = "auto",
+        max_wait_ms: float = 0.0,
+        max_queued: int = DEFAULT_MAX_QUEUED,
     ) -> Generator:
         """Wrap a model and processor the application has already loaded.
 
-        The model stays where it is (device, dtype) and is switched to eval mode.
+        The model stays where it is (device, dtype) and is switched to eval
+        mode. The scheduling keywords are those of :meth:`from_pretrained`.
         """
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         adapter_cls = _adapter_class(str(model_type), type(model).__name__)
@@ -169,7 +238,15 @@ class Generator:
             )
         model.eval()
         adapter = adapter_cls(processor, model.generation_config)
-        return cls(model, processor, adapter, vision_cache_mb)
+        return cls(
+            model,
+            processor,
+            adapter,
+            vision_cache_mb,
+            max_batch_size=max_batch_size,
+            max_wait_ms=max_wait_ms,
+            max_queued=max_queued,
+        )
 
     # -- properties ----------------------------------------------------------
 
@@ -198,8 +275,7 @@ class Generator:
     def clear_vision_cache(self) -> None:
         """Forget every cached image encoding."""
         if self._cache is not None:
-            with self._exclusive():
-                self._cache.clear()
+            self._scheduler.call(self._cache.clear)
 
     @property
     def stop_token_ids(self) -> tuple[int, ...]:
@@ -214,53 +290,114 @@ class Generator:
     def __repr__(self) -> str:
         return f"Generator(family={self.family!r}, device={str(self.device)!r}, dtype={self.dtype})"
 
+    # -- lifecycle -------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the worker thread; idempotent.
+
+        Requests still queued, and rows running at that moment (they stop
+        after the current decoding step), fail with
+        :class:`~idefics_kit.GeneratorClosedError`; so does every later call.
+        The model itself stays loaded (``gen.model``) until the Generator is
+        dropped.
+        """
+        self._scheduler.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._scheduler.closed
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    async def __aenter__(self) -> Generator:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await asyncio.to_thread(self.close)
+
+    def stats(self) -> SchedulerStats:
+        """Queue depth, running rows, batches, tokens: what an app exports as metrics."""
+        return self._scheduler.stats()
+
     # -- generation ----------------------------------------------------------
 
     def generate(
         self,
         conversation: Conversation,
         options: GenerationOptions | None = None,
+        *,
+        timeout: float | None = None,
         **overrides: Any,
     ) -> Result:
         """Answer the last user turn of ``conversation``.
 
         ``overrides`` are :class:`GenerationOptions` fields
-        (``max_new_tokens=64``) applied on top of ``options``.
+        (``max_new_tokens=64``) applied on top of ``options``. ``timeout``
+        (seconds, from this call) raises :class:`~idefics_kit.RequestTimeoutError`
+        and frees the row. Safe to call from many threads at once: concurrent
+        calls share micro-batches.
         """
         resolved = _options(options, overrides)
+        deadline = _deadline(timeout)
         item = self._prepare(0, conversation, resolved, numbered=False)
-        with self._exclusive():
-            results = runner.run_wave(
-                self.model, self._adapter, [item], resolved, 1, "raise", cache=self._cache
-            )
-        return results[0]
+        if item.error is not None:
+            raise item.error
+        waiter = _Waiter()
+        request = Request(item, resolved, waiter)
+        self._scheduler.submit([request])
+        result = waiter.wait(request, deadline, timeout)
+        if result.error is not None:
+            raise result.error
+        return result
 
     def generate_batch(
         self,
         conversations: Iterable[Conversation],
         options: GenerationOptions | None = None,
         *,
-        batch_size: BatchSize = _DEFAULT_BATCH_SIZE,
+        batch_size: BatchSize | None = None,
         on_error: OnError = "raise",
         progress: bool = False,
+        timeout: float | None = None,
         **overrides: Any,
     ) -> list[Result]:
         """Answer many conversations; one :class:`Result` per input, in input order.
 
         Every conversation is checked, its images decoded and its prompt
         encoded before any model work. Conversations of similar prompt length
-        then run together, ``batch_size`` at a time (``"auto"``: as many as fit
-        in free GPU memory; 8 on the CPU), left-padded; an out-of-memory batch
-        is split in half and retried. With greedy decoding, or sampling with a
-        ``seed``, a conversation's answer does not depend on its batch.
+        then run together, at most ``batch_size`` per micro-batch (default:
+        the Generator's ``max_batch_size``), left-padded, possibly with rows
+        of other callers; an out-of-memory batch is split in half and retried.
+        With greedy decoding, or sampling with a ``seed``, a conversation's
+        answer does not depend on its batch.
 
-        ``on_error="raise"`` raises the first bad input's error, its message
-        starting with ``conversation <index>:``; ``"return"`` gives that input
-        a :class:`Result` whose ``error`` says why and runs the rest.
+        ``on_error="raise"`` raises the first failing input's error (its
+        ``index`` says which input): input errors before any model work, a
+        generation error as soon as it is that input's turn; results already
+        computed are discarded and the call's remaining rows cancelled.
+        ``"return"`` gives each failing input a :class:`Result` whose
+        ``error`` says why and answers the rest.
         """
         items = list(conversations)
         return list(
-            self._run(items, options, overrides, batch_size, on_error, progress, window=len(items))
+            self._run(
+                items, options, overrides, batch_size, on_error, progress, len(items), timeout
+            )
         )
 
     def iter_batch(
@@ -268,10 +405,11 @@ class Generator:
         conversations: Iterable[Conversation],
         options: GenerationOptions | None = None,
         *,
-        batch_size: BatchSize = _DEFAULT_BATCH_SIZE,
+        batch_size: BatchSize | None = None,
         on_error: OnError = "raise",
         progress: bool = False,
         window: int | None = None,
+        timeout: float | None = None,
         **overrides: Any,
     ) -> abc.Generator[Result, None, None]:
         """Like :meth:`generate_batch`, for jobs too large to hold in memory.
@@ -281,42 +419,225 @@ class Generator:
         window finishes; the next window's images are decoded while the model
         works. A bad input is only found when its window is read, so with
         ``on_error="raise"`` earlier results may already have been yielded.
+        Closing the iterator early cancels the rows it had queued.
         """
-        size = window if window is not None else max(32, 4 * _plain_batch_size(batch_size))
+        plain = batch_size if isinstance(batch_size, int) else runner.CPU_BATCH_SIZE
+        size = window if window is not None else max(32, 4 * plain)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise InvalidParameterError(
                 "window", f"window must be an int >= 1, got {window!r}", window
             )
-        return self._run(conversations, options, overrides, batch_size, on_error, progress, size)
+        return self._run(
+            conversations, options, overrides, batch_size, on_error, progress, size, timeout
+        )
 
     def stream(
         self,
         conversation: Conversation,
         options: GenerationOptions | None = None,
+        *,
+        timeout: float | None = None,
         **overrides: Any,
-    ) -> abc.Generator[str, None, None]:
-        """Yield the answer as text pieces, each as soon as it is final.
+    ) -> TextStream:
+        """Start answering and return the answer's text pieces as they become final.
 
-        ``"".join(gen.stream(conv, ...))`` equals ``gen.generate(conv, ...).text``.
-        Closing the iterator early stops generation.
+        ``"".join(gen.stream(conv, ...))`` equals ``gen.generate(conv, ...).text``;
+        after the last piece, ``stream.result`` holds the full Result. Closing
+        the stream early stops its row (other callers' rows go on).
         """
         resolved = _options(options, overrides)
+        _deadline(timeout)
         item = self._prepare(0, conversation, resolved, numbered=False)
         if item.error is not None:
             raise item.error
-        return self._stream(item, resolved)
+        stream = TextStream(TextDecoder(self._adapter, resolved), timeout)
+        request = Request(item, resolved, stream._on_done, on_token=stream._on_token)
+        stream._attach(request)
+        self._scheduler.submit([request])
+        return stream
 
-    def _stream(
-        self, item: runner.Prepared, options: GenerationOptions
-    ) -> abc.Generator[str, None, None]:
-        with self._exclusive():
-            encoded: dict[str, Any] = dict(item.inputs or {})
-            if self._cache is not None and item.images:
-                encoded = runner.with_cached_features(
-                    self.model, self._adapter, [item], encoded, self._cache
-                )
-            inputs = BatchFeature(encoded).to(self.device, dtype=self.dtype)
-            yield from engine.stream(self.model, self._adapter, inputs, options)
+    # -- asyncio -------------------------------------------------------------------
+
+    async def agenerate(
+        self,
+        conversation: Conversation,
+        options: GenerationOptions | None = None,
+        *,
+        timeout: float | None = None,
+        **overrides: Any,
+    ) -> Result:
+        """:meth:`generate` for asyncio; the event loop is never blocked.
+
+        The conversation is prepared in a worker thread and answered by the
+        model's worker. Cancelling the awaiting task frees its row at the
+        next decoding step and affects no other request.
+        """
+        resolved = _options(options, overrides)
+        _deadline(timeout)
+
+        async def answer() -> Result:
+            item = await asyncio.to_thread(self._prepare, 0, conversation, resolved, numbered=False)
+            if item.error is not None:
+                raise item.error
+            future, settle = _future()
+            request = Request(item, resolved, settle)
+            self._scheduler.submit([request])
+            return await _settled(future, request)
+
+        result = await _within(answer(), timeout)
+        if result.error is not None:
+            raise result.error
+        return result
+
+    def astream(
+        self,
+        conversation: Conversation,
+        options: GenerationOptions | None = None,
+        *,
+        timeout: float | None = None,
+        **overrides: Any,
+    ) -> AsyncTextStream:
+        """:meth:`stream` for ``async for``; ``stream.result`` after the last piece.
+
+        Options are checked now; the conversation is prepared (off the event
+        loop) when iteration starts, so its input errors come from the first
+        ``__anext__``. Cancelling the iterating task or ``await
+        stream.aclose()`` frees the row.
+        """
+        resolved = _options(options, overrides)
+        _deadline(timeout)
+
+        async def submit(stream: AsyncTextStream) -> Request:
+            item = await asyncio.to_thread(self._prepare, 0, conversation, resolved, numbered=False)
+            if item.error is not None:
+                raise item.error
+            request = Request(item, resolved, stream._on_done, on_token=stream._on_token)
+            self._scheduler.submit([request])
+            return request
+
+        return AsyncTextStream(TextDecoder(self._adapter, resolved), timeout, submit)
+
+    async def agenerate_batch(
+        self,
+        conversations: Iterable[Conversation],
+        options: GenerationOptions | None = None,
+        *,
+        batch_size: BatchSize | None = None,
+        on_error: OnError = "raise",
+        timeout: float | None = None,
+        **overrides: Any,
+    ) -> list[Result]:
+        """:meth:`generate_batch` for asyncio: same rules, results in input order."""
+        resolved, cap = self._batch_arguments(options, overrides, batch_size, on_error, timeout)
+        items = list(conversations)
+
+        async def answer() -> list[Result]:
+            wave = await asyncio.to_thread(
+                lambda: [self._prepare(i, c, resolved, numbered=True) for i, c in enumerate(items)]
+            )
+            _raise_input_error(wave, on_error)
+            pending: dict[int, tuple[asyncio.Future[Outcome], Request]] = {}
+            requests = []
+            for item in _submission_order(wave):
+                future, settle = _future()
+                request = Request(item, resolved, settle, cap=cap)
+                pending[item.index] = (future, request)
+                requests.append(request)
+            try:
+                await asyncio.to_thread(self._scheduler.submit, requests, wait_for_room=True)
+                results = []
+                for item in wave:
+                    if item.error is not None:
+                        results.append(Result.failed(item.error))
+                        continue
+                    future, request = pending[item.index]
+                    result = await _settled(future, request)
+                    results.append(_checked(result, item.index, on_error))
+                return results
+            finally:
+                for _, request in pending.values():
+                    request.cancel()
+
+        return await _within(answer(), timeout)
+
+    # -- internals -------------------------------------------------------------
+
+    def _batch_arguments(
+        self,
+        options: GenerationOptions | None,
+        overrides: dict[str, Any],
+        batch_size: BatchSize | None,
+        on_error: OnError,
+        timeout: float | None,
+    ) -> tuple[GenerationOptions, int | None]:
+        resolved = _options(options, overrides)
+        if batch_size is not None:
+            _check_batch_size("batch_size", batch_size)
+        if on_error not in ("raise", "return"):
+            raise InvalidParameterError(
+                "on_error", f"on_error must be 'raise' or 'return', got {on_error!r}", on_error
+            )
+        _deadline(timeout)
+        return resolved, batch_size if isinstance(batch_size, int) else None
+
+    def _run(
+        self,
+        conversations: Iterable[Conversation],
+        options: GenerationOptions | None,
+        overrides: dict[str, Any],
+        batch_size: BatchSize | None,
+        on_error: OnError,
+        progress: bool,
+        window: int,
+        timeout: float | None,
+    ) -> abc.Generator[Result, None, None]:
+        # Arguments are checked here, eagerly, not when the iterator starts.
+        resolved, cap = self._batch_arguments(options, overrides, batch_size, on_error, timeout)
+        total = len(conversations) if isinstance(conversations, Sized) else None
+        return self._results(
+            conversations, resolved, cap, on_error, progress, max(1, window), total, timeout
+        )
+
+    def _results(
+        self,
+        conversations: Iterable[Conversation],
+        options: GenerationOptions,
+        cap: int | None,
+        on_error: OnError,
+        progress: bool,
+        window: int,
+        total: int | None,
+        timeout: float | None,
+    ) -> abc.Generator[Result, None, None]:
+        deadline = _deadline(timeout)
+
+        def prepare(index: int, conversation: object) -> Prepared:
+            return self._prepare(index, conversation, options, numbered=True)
+
+        with ProgressBar(total, enabled=progress) as bar:
+            for wave in runner.prepared_waves(conversations, prepare, window):
+                _raise_input_error(wave, on_error)
+                pending: dict[int, tuple[_Waiter, Request]] = {}
+                for item in _submission_order(wave):
+                    waiter = _Waiter()
+                    pending[item.index] = (waiter, Request(item, options, waiter, cap=cap))
+                try:
+                    requests = [request for _, request in pending.values()]
+                    self._scheduler.submit(requests, wait_for_room=True)
+                    for item in wave:
+                        if item.error is not None:
+                            result = Result.failed(item.error)
+                        else:
+                            waiter, request = pending[item.index]
+                            result = _checked(
+                                waiter.wait(request, deadline, timeout), item.index, on_error
+                            )
+                        bar.update([result])
+                        yield result
+                finally:
+                    # Closed early, or raising: rows nobody will read stop now.
+                    for _, request in pending.values():
+                        request.cancel()
 
     def prompt_token_ids(self, conversation: Conversation) -> tuple[int, ...]:
         """The token ids the model reads for ``conversation``, before the answer.
@@ -329,70 +650,6 @@ class Generator:
             raise item.error or ConversationError("conversation could not be encoded")
         ids: list[int] = item.inputs["input_ids"][0].tolist()
         return tuple(ids)
-
-    # -- internals -------------------------------------------------------------
-
-    def _run(
-        self,
-        conversations: Iterable[Conversation],
-        options: GenerationOptions | None,
-        overrides: dict[str, Any],
-        batch_size: BatchSize,
-        on_error: OnError,
-        progress: bool,
-        window: int,
-    ) -> abc.Generator[Result, None, None]:
-        # Arguments are checked here, eagerly, not when the iterator starts.
-        resolved = _options(options, overrides)
-        _check_batch_size(batch_size)
-        if on_error not in ("raise", "return"):
-            raise InvalidParameterError(
-                "on_error", f"on_error must be 'raise' or 'return', got {on_error!r}", on_error
-            )
-        total = len(conversations) if isinstance(conversations, Sized) else None
-        return self._results(conversations, resolved, batch_size, on_error, progress, window, total)
-
-    def _results(
-        self,
-        conversations: Iterable[Conversation],
-        options: GenerationOptions,
-        batch_size: BatchSize,
-        on_error: OnError,
-        progress: bool,
-        window: int,
-        total: int | None,
-    ) -> abc.Generator[Result, None, None]:
-        def prepare(index: int, conversation: object) -> runner.Prepared:
-            return self._prepare(index, conversation, options, numbered=True)
-
-        with ProgressBar(total, enabled=progress) as bar:
-            for wave in runner.prepared_waves(conversations, prepare, max(1, window)):
-                size = self._batch_size(batch_size, wave, options)
-                with self._exclusive():
-                    results = runner.run_wave(
-                        self.model,
-                        self._adapter,
-                        wave,
-                        options,
-                        size,
-                        on_error,
-                        bar.update,
-                        cache=self._cache,
-                    )
-                yield from results
-
-    def _batch_size(
-        self, batch_size: BatchSize, wave: list[runner.Prepared], options: GenerationOptions
-    ) -> int:
-        if batch_size != "auto":
-            return batch_size
-        if self.device.type != "cuda":
-            return runner.CPU_BATCH_SIZE
-        free, _ = torch.cuda.mem_get_info(self.device)
-        longest = max((item.length for item in wave), default=0) + options.max_new_tokens
-        return runner.estimate_batch_size(
-            self.model.config.get_text_config(), self.dtype, longest, free
-        )
 
     def _prepare(
         self,
@@ -412,36 +669,141 @@ class Generator:
             max_new_tokens=options.max_new_tokens if options is not None else 0,
         )
 
-    @contextlib.contextmanager
-    def _exclusive(self) -> Iterator[None]:
-        """Serialise model work; refuse a nested call that would wait on itself."""
-        me = threading.get_ident()
-        if self._owner == me:
-            raise UsageError(
-                "this Generator is already generating in this thread (an unfinished stream?); "
-                "exhaust or close() the stream before the next call"
-            )
-        with self._lock:
-            self._owner = me
-            try:
-                yield
-            finally:
-                self._owner = None
 
-
-def _plain_batch_size(batch_size: BatchSize) -> int:
-    return runner.CPU_BATCH_SIZE if batch_size == "auto" else batch_size
-
-
-def _check_batch_size(batch_size: object) -> None:
+def _check_batch_size(name: str, batch_size: object) -> None:
     if batch_size == "auto":
         return
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidParameterError(
-            "batch_size",
-            f"batch_size must be an int >= 1 or 'auto', got {batch_size!r}",
-            batch_size,
+            name, f"{name} must be an int >= 1 or 'auto', got {batch_size!r}", batch_size
         )
+
+
+def _batch_limit(model: Any, setting: BatchSize) -> Callable[[Prepared, GenerationOptions], int]:
+    """Rows per micro-batch for a batch led by a given row (it holds no Generator)."""
+
+    def limit(head: Prepared, options: GenerationOptions) -> int:
+        if setting != "auto":
+            return setting
+        if model.device.type != "cuda":
+            return runner.CPU_BATCH_SIZE
+        free, _ = torch.cuda.mem_get_info(model.device)
+        # Batch calls queue their longest rows first, so the head is the longest.
+        return runner.estimate_batch_size(
+            model.config.get_text_config(),
+            model.dtype,
+            head.length + options.max_new_tokens,
+            free,
+        )
+
+    return limit
+
+
+def _submission_order(wave: list[Prepared]) -> list[Prepared]:
+    """The good items of a wave, grouped and longest first, so FIFO takes pad little."""
+    good = [item for item in wave if item.error is None]
+    batches = plan([i.length for i in good], [i.group for i in good], len(good) or 1)
+    return [good[i] for batch in batches for i in reversed(batch)]
+
+
+def _raise_input_error(wave: list[Prepared], on_error: OnError) -> None:
+    if on_error == "raise":
+        for item in wave:
+            if item.error is not None:
+                raise item.error
+
+
+def _checked(result: Result, index: int, on_error: OnError) -> Result:
+    if result.error is not None:
+        result.error.at_index(index)
+        if on_error == "raise":
+            raise result.error
+    return result
+
+
+def _deadline(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise InvalidParameterError(
+            "timeout", f"timeout must be None or a number of seconds > 0, got {timeout!r}", timeout
+        )
+    if not math.isfinite(timeout):
+        return None
+    return time.monotonic() + timeout
+
+
+def _timeout_error(timeout: float | None) -> RequestTimeoutError:
+    return RequestTimeoutError(
+        f"no complete answer within timeout={timeout}s; the request was cancelled "
+        "(raise timeout, or lower max_new_tokens)"
+    )
+
+
+class _Waiter:
+    """Receives one request's outcome in the worker thread; the caller waits for it."""
+
+    __slots__ = ("event", "outcome")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.outcome: Outcome | None = None
+
+    def __call__(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.event.set()
+
+    def wait(self, request: Request, deadline: float | None, timeout: float | None) -> Result:
+        try:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self.event.wait(left):
+                raise _timeout_error(timeout)
+        except BaseException:
+            # Timeout, KeyboardInterrupt ...: only this caller's row stops.
+            request.cancel()
+            raise
+        outcome = self.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert outcome is not None
+        return outcome
+
+
+def _future() -> tuple[asyncio.Future[Outcome], Callable[[Outcome], None]]:
+    """A future of the running loop, and a thread-safe function that settles it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Outcome] = loop.create_future()
+
+    def set_outcome(outcome: Outcome) -> None:
+        if not future.done():
+            future.set_result(outcome)
+
+    def settle(outcome: Outcome) -> None:
+        # A closed loop raises RuntimeError: nobody waits any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(set_outcome, outcome)
+
+    return future, settle
+
+
+async def _settled(future: asyncio.Future[Outcome], request: Request) -> Result:
+    try:
+        outcome = await future
+    except BaseException:
+        request.cancel()  # the awaiting task was cancelled: free the row
+        raise
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+async def _within(awaitable: abc.Coroutine[Any, Any, T], timeout: float | None) -> T:
+    if timeout is None or not math.isfinite(timeout):
+        return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError:
+        raise _timeout_error(timeout) from None
 
 
 def _has_only_pickle_weights(name: str) -> bool:

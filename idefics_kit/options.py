@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -14,6 +15,9 @@ __all__ = ["GenerationOptions"]
 
 _MAX_STOP_STRINGS = 16
 _MAX_SEED = 2**63 - 1
+MAX_TOP_LOGPROBS = 20
+_MAX_CHOICES = 1024
+_MAX_GRAMMAR_CHARS = 65536
 
 
 def _is_int(value: object) -> bool:
@@ -34,7 +38,21 @@ class GenerationOptions:
     temperature samples with ``top_p``/``top_k``. ``top_k=None`` disables
     top-k filtering and ``top_p=1.0`` disables nucleus filtering.
     ``stop`` holds strings that end the answer (the text is cut before them).
-    ``seed`` makes sampling reproducible. A bad value raises
+    ``seed`` makes sampling reproducible.
+
+    ``logprobs=True`` fills :attr:`Result.logprobs` (one entry per generated
+    token, from the model's distribution before any sampling setting or
+    constraint); ``top_logprobs=k`` adds the k most likely tokens at each
+    step (needs ``logprobs=True``, at most 20).
+
+    At most one of ``json_schema``, ``regex`` and ``choice`` constrains the
+    answer (needs ``pip install 'idefics-kit[structured]'``): ``json_schema``
+    (a dict or JSON text; kept as compact JSON text, key order preserved)
+    makes it a JSON value valid against the schema, ``regex`` a full match of
+    the regular expression, ``choice`` exactly one of the given strings. A
+    constrained answer ends when the grammar is complete (then the model's
+    stop token) or at ``max_new_tokens``; ``stop`` strings cannot be combined
+    with a constraint, since they could cut it. A bad value raises
     :class:`~idefics_kit.InvalidParameterError` naming the parameter, the
     allowed range and the value received.
     """
@@ -46,6 +64,11 @@ class GenerationOptions:
     stop: tuple[str, ...] = ()
     repetition_penalty: float = 1.0
     seed: int | None = None
+    logprobs: bool = False
+    top_logprobs: int = 0
+    json_schema: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
@@ -60,10 +83,44 @@ class GenerationOptions:
             _fail("repetition_penalty", "must be a finite number > 0", self.repetition_penalty)
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed <= _MAX_SEED):
             _fail("seed", f"must be None or an int in [0, {_MAX_SEED}]", self.seed)
+        if not isinstance(self.logprobs, bool):
+            _fail("logprobs", "must be True or False", self.logprobs)
+        if not _is_int(self.top_logprobs) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            _fail("top_logprobs", f"must be an int in [0, {MAX_TOP_LOGPROBS}]", self.top_logprobs)
+        if self.top_logprobs and not self.logprobs:
+            _fail("top_logprobs", "needs logprobs=True", self.top_logprobs)
         object.__setattr__(self, "stop", _narrow_stop(self.stop))
+        object.__setattr__(self, "json_schema", _narrow_schema(self.json_schema))
+        object.__setattr__(self, "choice", _narrow_choice(self.choice))
+        if self.regex is not None and (
+            not isinstance(self.regex, str) or not 0 < len(self.regex) <= _MAX_GRAMMAR_CHARS
+        ):
+            _fail(
+                "regex",
+                f"must be None or a non-empty string of at most {_MAX_GRAMMAR_CHARS} characters",
+                self.regex,
+            )
+        given = [n for n in ("json_schema", "regex", "choice") if getattr(self, n) is not None]
+        if len(given) > 1:
+            raise InvalidParameterError(
+                given[1],
+                f"at most one of json_schema, regex and choice may be given, got {' and '.join(given)}",
+                getattr(self, given[1]),
+            )
+        if given and self.stop:
+            _fail(
+                "stop",
+                f"cannot be combined with {given[0]} (a stop string could cut the constrained answer; the constraint ends it)",
+                self.stop,
+            )
         object.__setattr__(self, "temperature", float(self.temperature))
         object.__setattr__(self, "top_p", float(self.top_p))
         object.__setattr__(self, "repetition_penalty", float(self.repetition_penalty))
+
+    @property
+    def constrained(self) -> bool:
+        """True when ``json_schema``, ``regex`` or ``choice`` constrains the answer."""
+        return self.json_schema is not None or self.regex is not None or self.choice is not None
 
     @property
     def greedy(self) -> bool:
@@ -100,3 +157,41 @@ def _narrow_stop(stop: object) -> tuple[str, ...]:
         if not isinstance(item, str) or not item:
             _fail("stop", "must hold only non-empty strings", stop)
     return tuple(dict.fromkeys(items))
+
+
+def _narrow_schema(schema: object) -> str | None:
+    # Stored as compact JSON text: hashable, immutable, and the key order
+    # (which fixes the order of object properties in the answer) is kept.
+    if schema is None:
+        return None
+    if isinstance(schema, str):
+        try:
+            parsed = json.loads(schema)
+        except ValueError as exc:
+            _fail("json_schema", f"must be a dict or JSON text ({exc})", schema)
+    elif isinstance(schema, Mapping):
+        parsed = schema
+    else:
+        _fail("json_schema", "must be None, a dict or JSON text", schema)
+    if not isinstance(parsed, Mapping):
+        _fail("json_schema", "must be a JSON object (a JSON Schema)", schema)
+    try:
+        text = json.dumps(parsed, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        _fail("json_schema", f"must hold only JSON values ({exc})", schema)
+    if len(text) > _MAX_GRAMMAR_CHARS:
+        _fail("json_schema", f"must be at most {_MAX_GRAMMAR_CHARS} characters as JSON", schema)
+    return text
+
+
+def _narrow_choice(choice: object) -> tuple[str, ...] | None:
+    if choice is None:
+        return None
+    if isinstance(choice, str) or not isinstance(choice, (tuple, list)):
+        _fail("choice", "must be None or a list of strings", choice)
+    if not 0 < len(choice) <= _MAX_CHOICES:
+        _fail("choice", f"must hold 1 to {_MAX_CHOICES} strings", choice)
+    for item in choice:
+        if not isinstance(item, str) or not item:
+            _fail("choice", "must hold only non-empty strings", choice)
+    return tuple(dict.fromkeys(choice))

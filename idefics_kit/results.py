@@ -1,4 +1,5 @@
-"""What a generation returns: :class:`Result` and :class:`Usage`."""
+"""What a generation returns: :class:`Result`, :class:`Usage`, :class:`TokenLogprob`,
+and what scoring returns: :class:`ChoiceScore`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Literal
 
 from idefics_kit.errors import IdeficsKitError
 
-__all__ = ["FinishReason", "Result", "Usage"]
+__all__ = ["ChoiceScore", "FinishReason", "Result", "TokenLogprob", "Usage"]
 
 FinishReason = Literal["stop", "length", "error"]
 """``"stop"``: a stop token or stop string ended the answer; ``"length"``:
@@ -34,6 +35,43 @@ class Usage:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class TokenLogprob:
+    """One generated token and its log-probability (natural log).
+
+    ``logprob`` comes from the model's own next-token distribution: the
+    log-softmax of its raw logits, before temperature, top-p, top-k,
+    repetition penalty or a grammar constraint change them (vLLM's default).
+    ``text`` is the token's own text, leading space included (``" red"``);
+    a token holding part of a UTF-8 character shows U+FFFD there and its
+    bytes in ``token_bytes``. ``top_logprobs`` holds the ``top_logprobs``
+    most likely tokens of the same distribution, most likely first (their
+    own ``top_logprobs`` are empty).
+    """
+
+    token_id: int
+    text: str
+    token_bytes: bytes
+    logprob: float
+    top_logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ChoiceScore:
+    """How likely the model finds one candidate answer to a conversation.
+
+    ``logprob`` is the sum of the natural-log probabilities of the choice's
+    tokens, each given the prompt and the tokens before it; ``num_tokens`` is
+    how many tokens the choice has and ``mean_logprob`` is
+    ``logprob / num_tokens`` (compare choices of different lengths with it).
+    """
+
+    choice: str
+    logprob: float
+    mean_logprob: float
+    num_tokens: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Result:
     """The answer to one conversation.
 
@@ -49,6 +87,8 @@ class Result:
     usage: Usage
     error: IdeficsKitError | None = None
     """Why this input failed, when a batch ran with ``on_error="return"``."""
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    """One entry per id of ``token_ids`` when ``logprobs=True`` was asked, else None."""
 
     @property
     def ok(self) -> bool:

@@ -1,38 +1,34 @@
-"""Batch execution: prepare conversations, plan micro-batches, run, keep order.
+"""Preparing conversations and running micro-batches of them.
 
-A job is read in waves of at most ``window`` conversations. While the model
-works on one wave, a small thread pool decodes the images of the next, so at
-most two waves of decoded inputs are held at a time. Inside a wave,
-conversations are grouped by prompt length (known exactly, since each one is
-encoded on its own first); results come back in input order whatever the
-grouping. An out-of-memory micro-batch is split in half and retried, down to
-one conversation.
+:func:`prepare` checks, decodes and encodes one conversation on its own (so
+a bad one fails alone and its exact prompt length is known before the model
+runs). :func:`prepared_waves` reads a large job in waves, preparing the next
+wave while the model works on the current one. :class:`Runner` runs one
+micro-batch of prepared rows on the model; the scheduler decides which rows
+share it.
 """
 
 from __future__ import annotations
 
 import gc
 import itertools
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from PIL import Image
 from transformers import BatchFeature
 
 from idefics_kit import engine
-from idefics_kit.batching import collate, encoding_group, plan
+from idefics_kit.batching import collate, encoding_group
 from idefics_kit.conversation import Conversation
 from idefics_kit.errors import (
     ConversationError,
     GenerationError,
     IdeficsKitError,
-    ImageLoadError,
 )
-from idefics_kit.families.base import FamilyAdapter
-from idefics_kit.options import GenerationOptions
+from idefics_kit.families.base import FamilyAdapter, Pixels
 from idefics_kit.results import Result
 from idefics_kit.vision_cache import VisionCache, image_key
 
@@ -40,10 +36,10 @@ __all__ = [
     "CPU_BATCH_SIZE",
     "OnError",
     "Prepared",
+    "Runner",
     "estimate_batch_size",
     "prepare",
     "prepared_waves",
-    "run_wave",
 ]
 
 OnError = Literal["raise", "return"]
@@ -61,8 +57,12 @@ class Prepared:
     index: int
     inputs: dict[str, torch.Tensor] | None
     error: IdeficsKitError | None
-    images: tuple[tuple[str, Image.Image], ...] = ()
-    """(content key, decoded image) pairs, kept only when a vision cache is on."""
+    images: tuple[tuple[str, Pixels], ...] = ()
+    """(content key, processed pixels) per image, kept only when a vision cache is on.
+
+    The pixels are views into ``inputs``: the image processor runs once per
+    image, and a cache miss encodes these instead of processing the image again.
+    """
 
     @property
     def length(self) -> int:
@@ -87,46 +87,42 @@ def prepare(
 ) -> Prepared:
     """Check, decode and encode one conversation; input errors are captured, not raised.
 
-    With ``context`` (the model's position limit), a prompt that leaves no room
+    ``numbered`` marks a captured error with ``index`` (a batch item). With ``context`` (the model's position limit), a prompt that leaves no room
     for ``max_new_tokens`` is an error: rotary models would run past their
     context silently and produce garbage.
     """
     try:
+        if not isinstance(conversation, Conversation):
+            raise ConversationError(
+                f"expected a Conversation, got {type(conversation).__name__}; "
+                "build one with Conversation().user(...)"
+            )
+        conversation.validate()
+        adapter.check(conversation)
+        images = [part.load() for part in conversation.images()]
         try:
-            if not isinstance(conversation, Conversation):
-                raise ConversationError(
-                    f"expected a Conversation, got {type(conversation).__name__}; "
-                    "build one with Conversation().user(...)"
-                )
-            conversation.validate()
-            adapter.check(conversation)
-            images = [part.load() for part in conversation.images()]
-            try:
-                encoded = adapter.encode([conversation], [images])
-            except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as exc:
-                raise ConversationError(
-                    f"the {adapter.family} processor could not encode this conversation: "
-                    f"{type(exc).__name__}: {exc}"
-                ) from exc
-            length = int(encoded["attention_mask"].sum())
-            if context is not None and length + max_new_tokens > context:
-                raise ConversationError(
-                    f"the prompt is {length} tokens and max_new_tokens is {max_new_tokens}: "
-                    f"{length + max_new_tokens} tokens exceed the model's context of {context} "
-                    "(max_position_embeddings); shorten the conversation, use fewer or smaller "
-                    "images, or lower max_new_tokens"
-                )
-            kept = tuple((image_key(image), image) for image in images) if keep_images else ()
-            return Prepared(index=index, inputs=dict(encoded), error=None, images=kept)
-        except ImageLoadError as exc:
-            if not numbered:
-                raise
-            raise ImageLoadError(f"conversation {index}: {exc}", source=exc.source) from exc
-        except ConversationError as exc:
-            if not numbered:
-                raise
-            raise ConversationError(f"conversation {index}: {exc}") from exc
+            encoded = adapter.encode([conversation], [images])
+        except (ValueError, TypeError, IndexError, KeyError, RuntimeError) as exc:
+            raise ConversationError(
+                f"the {adapter.family} processor could not encode this conversation: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        length = int(encoded["attention_mask"].sum())
+        if context is not None and length + max_new_tokens > context:
+            raise ConversationError(
+                f"the prompt is {length} tokens and max_new_tokens is {max_new_tokens}: "
+                f"{length + max_new_tokens} tokens exceed the model's context of {context} "
+                "(max_position_embeddings); shorten the conversation, use fewer or smaller "
+                "images, or lower max_new_tokens"
+            )
+        kept: tuple[tuple[str, Pixels], ...] = ()
+        if keep_images and images:
+            pixels = adapter.split_pixels(encoded, len(images))
+            kept = tuple((image_key(image), own) for image, own in zip(images, pixels, strict=True))
+        return Prepared(index=index, inputs=dict(encoded), error=None, images=kept)
     except IdeficsKitError as exc:
+        if numbered:
+            exc.at_index(index)
         return Prepared(index=index, inputs=None, error=exc)
 
 
@@ -191,111 +187,76 @@ def estimate_batch_size(
     return max(1, min(_MAX_AUTO_BATCH, int(free_bytes * _MEMORY_HEADROOM) // per_sequence))
 
 
-def run_wave(
-    model: Any,
-    adapter: FamilyAdapter,
-    items: list[Prepared],
-    options: GenerationOptions,
-    batch_size: int,
-    on_error: OnError,
-    on_batch: Callable[[list[Result]], None] | None = None,
-    cache: VisionCache | None = None,
-) -> list[Result]:
-    """Results for ``items`` in their order; raises the first input error unless returning."""
-    results: dict[int, Result] = {}
-    for item in items:
-        if item.error is not None:
-            if on_error == "raise":
-                raise item.error
-            results[item.index] = Result.failed(item.error)
-    good = [item for item in items if item.error is None]
-    for batch in plan([i.length for i in good], [i.group for i in good], batch_size):
-        members = [good[i] for i in batch]
-        outputs = _run_micro_batch(model, adapter, members, options, on_error, cache)
-        for item, result in zip(members, outputs, strict=True):
-            results[item.index] = result
-        if on_batch is not None:
-            on_batch(outputs)
-    return [results[item.index] for item in items]
+class Runner:
+    """Runs micro-batches on one model: the model, its adapter and the vision cache.
 
+    Only the scheduler's worker thread calls :meth:`run`. A micro-batch that
+    runs out of memory is split in half and retried, down to one row. A
+    micro-batch whose ``generate`` raises is bisected until every failing row
+    is alone, so a good row never fails because of a bad neighbour; when every
+    row fails (a broken model) that costs 2N-1 ``generate`` calls, most of
+    which fail at their first forward pass.
+    """
 
-def _run_micro_batch(
-    model: Any,
-    adapter: FamilyAdapter,
-    items: list[Prepared],
-    options: GenerationOptions,
-    on_error: OnError,
-    cache: VisionCache | None,
-) -> list[Result]:
-    encoded: dict[str, Any] = collate(
-        [item.inputs for item in items if item.inputs], adapter.sequence_keys
-    )
-    if cache is not None and any(item.images for item in items):
-        encoded = with_cached_features(model, adapter, items, encoded, cache)
-    inputs = BatchFeature(encoded).to(model.device, dtype=model.dtype)
-    try:
-        return engine.generate(model, adapter, inputs, options)
-    except torch.OutOfMemoryError as exc:
-        del inputs
-        _release_memory()
-        if len(items) > 1:
-            return _split(model, adapter, items, options, on_error, cache)
-        if on_error == "raise":
-            raise
-        return [
-            Result.failed(GenerationError(f"conversation {items[0].index}: out of memory: {exc}"))
-        ]
-    except GenerationError as exc:
-        if on_error == "raise":
-            indices = ", ".join(str(item.index) for item in items)
-            raise GenerationError(f"conversation(s) {indices}: {exc}") from exc
-        if len(items) > 1:
-            return _split(model, adapter, items, options, on_error, cache)
-        return [Result.failed(GenerationError(f"conversation {items[0].index}: {exc}"))]
+    def __init__(self, model: Any, adapter: FamilyAdapter, cache: VisionCache | None) -> None:
+        self.model = model
+        self.adapter = adapter
+        self.cache = cache
 
+    def run(self, items: Sequence[Prepared], rows: Sequence[engine.Row]) -> list[Result]:
+        """A Result per item, in order; a row that failed gets ``Result.failed``."""
+        try:
+            return self._generate(items, rows)
+        except torch.OutOfMemoryError as exc:
+            _release_memory()
+            if len(items) > 1:
+                return self._halves(items, rows)
+            error = GenerationError(f"out of memory even for this conversation alone: {exc}")
+            error.__cause__ = exc
+            return [Result.failed(error)]
+        except GenerationError as exc:
+            if len(items) > 1:
+                return self._halves(items, rows)
+            return [Result.failed(exc)]
 
-def _split(
-    model: Any,
-    adapter: FamilyAdapter,
-    items: list[Prepared],
-    options: GenerationOptions,
-    on_error: OnError,
-    cache: VisionCache | None,
-) -> list[Result]:
-    half = len(items) // 2
-    first = _run_micro_batch(model, adapter, items[:half], options, on_error, cache)
-    return first + _run_micro_batch(model, adapter, items[half:], options, on_error, cache)
+    def _halves(self, items: Sequence[Prepared], rows: Sequence[engine.Row]) -> list[Result]:
+        half = len(items) // 2
+        return self.run(items[:half], rows[:half]) + self.run(items[half:], rows[half:])
 
+    def _generate(self, items: Sequence[Prepared], rows: Sequence[engine.Row]) -> list[Result]:
+        encoded: dict[str, Any] = collate(
+            [item.inputs for item in items if item.inputs], self.adapter.sequence_keys
+        )
+        if self.cache is not None and any(item.images for item in items):
+            encoded = self.with_cached_features(items, encoded)
+        inputs = BatchFeature(encoded).to(self.model.device, dtype=self.model.dtype)
+        return engine.generate(self.model, self.adapter, inputs, rows)
 
-def with_cached_features(
-    model: Any,
-    adapter: FamilyAdapter,
-    items: list[Prepared],
-    encoded: dict[str, Any],
-    cache: VisionCache,
-) -> dict[str, Any]:
-    """``encoded`` with image pixels replaced by cached (or newly computed) features."""
-
-    found: dict[str, torch.Tensor] = {}
-    missing: dict[str, Image.Image] = {}
-    for item in items:
-        for key, image in item.images:
-            if key in found or key in missing:
-                continue
-            cached = cache.get(key)
-            if cached is None:
-                missing[key] = image
-            else:
-                found[key] = cached
-    if missing:
-        # One encoder call for all new images of the micro-batch.
-        with torch.inference_mode():
-            computed = adapter.image_features(model, list(missing.values()))
-        for key, value in zip(missing, computed, strict=True):
-            cache.put(key, value)
-            found[key] = value
-    per_item = [[found[key] for key, _ in item.images] for item in items]
-    return adapter.with_image_features(model, encoded, per_item)
+    def with_cached_features(
+        self, items: Sequence[Prepared], encoded: dict[str, Any]
+    ) -> dict[str, Any]:
+        """``encoded`` with image pixels replaced by cached (or newly computed) features."""
+        assert self.cache is not None
+        found: dict[str, torch.Tensor] = {}
+        missing: dict[str, Pixels] = {}
+        for item in items:
+            for key, pixels in item.images:
+                if key in found or key in missing:
+                    continue
+                cached = self.cache.get(key)
+                if cached is None:
+                    missing[key] = pixels
+                else:
+                    found[key] = cached
+        if missing:
+            # One encoder call for all new images of the micro-batch.
+            with torch.inference_mode():
+                computed = self.adapter.image_features(self.model, list(missing.values()))
+            for key, value in zip(missing, computed, strict=True):
+                self.cache.put(key, value)
+                found[key] = value
+        per_item = [[found[key] for key, _ in item.images] for item in items]
+        return self.adapter.with_image_features(self.model, encoded, per_item)
 
 
 def _release_memory() -> None:

@@ -587,8 +587,8 @@ def test_answer_keeps_order_and_gives_each_failure_its_row(
     assert rows[2]["error"]["message"].startswith("messages[0]['role'] must be one of")
     assert rows[3]["error"]["type"] == "ConversationError"
     assert "fetched as an image URL" in rows[3]["error"]["message"]
-    # The SDK names the input by its position ("conversation 1: "); the row's id does.
-    assert not rows[3]["error"]["message"].startswith("conversation ")
+    # The error's batch position is not repeated in the row: the row's id names the input.
+    assert "input 3" not in rows[3]["error"]["message"]
     assert rows[3]["text"] is rows[3]["usage"] is None
     assert rows[5]["error"]["type"] == "RecordError"
 

@@ -81,7 +81,9 @@ def test_prompt_longer_than_the_context_fails_before_running(gen: Generator) -> 
         gen.generate(Conversation().user("hi"), max_new_tokens=context)
     results = gen.generate_batch([GOOD, long], max_new_tokens=4, on_error="return")
     assert results[0].ok
-    assert str(results[1].error).startswith("conversation 1: the prompt is ")
+    assert results[1].error is not None
+    assert str(results[1].error).startswith("the prompt is ")
+    assert results[1].error.index == 1
 
 
 def test_pickle_only_checkpoint_is_refused_unless_allowed(

@@ -26,10 +26,14 @@ __all__ = [
     "Family",
     "FamilyAdapter",
     "LoadedImages",
+    "Pixels",
 ]
 
 LoadedImages = Sequence[Image.Image]
 """One conversation's decoded images, in order of appearance."""
+
+Pixels = dict[str, torch.Tensor]
+"""One image's share of a conversation's processed pixel inputs (``pixel_values`` ...)."""
 
 END_OF_UTTERANCE = "<end_of_utterance>"
 _IMAGE_TOKENS = ("<image>", "<fake_token_around_image>")
@@ -76,8 +80,12 @@ class FamilyAdapter(ABC):
         """Return the left-padded model inputs (a ``BatchFeature``) for a batch."""
 
     @abstractmethod
-    def image_features(self, model: Any, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        """The vision encoder's output for each image, computed in one batch."""
+    def split_pixels(self, encoded: Any, count: int) -> list[Pixels]:
+        """Each of the ``count`` images' own pixel inputs in one conversation's encoding."""
+
+    @abstractmethod
+    def image_features(self, model: Any, pixels: Sequence[Pixels]) -> list[torch.Tensor]:
+        """The vision encoder's output for each image (its ``split_pixels``), in one batch."""
 
     @abstractmethod
     def with_image_features(
@@ -135,12 +143,43 @@ class ChatTemplateAdapter(FamilyAdapter):
             processor_kwargs={"padding": True, "padding_side": "left"},
         )
 
-    def image_features(self, model: Any, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        # One "conversation" per image, so pooler_output comes back per image.
-        pixels = self.processor.image_processor([[image] for image in images], return_tensors="pt")
+    def split_pixels(self, encoded: Any, count: int) -> list[Pixels]:
+        # Images are split into the same number of tiles each (one, or five with
+        # IDEFICS 2's do_image_splitting); IDEFICS 3 and SmolVLM count theirs.
+        tiles = int(encoded["pixel_values"].shape[1])
+        if tiles % count:
+            raise ValueError(f"{tiles} pixel tiles for {count} images")
+        return self._slices(encoded, [tiles // count] * count)
+
+    @staticmethod
+    def _slices(encoded: Any, tiles: Sequence[int]) -> list[Pixels]:
+        if sum(tiles) > int(encoded["pixel_values"].shape[1]):
+            raise ValueError(
+                f"{sum(tiles)} tiles expected, {encoded['pixel_values'].shape[1]} found"
+            )
+        pixels: list[Pixels] = []
+        start = 0
+        for count in tiles:
+            pixels.append(
+                {
+                    "pixel_values": encoded["pixel_values"][0, start : start + count],
+                    "pixel_attention_mask": encoded["pixel_attention_mask"][
+                        0, start : start + count
+                    ],
+                }
+            )
+            start += count
+        return pixels
+
+    def image_features(self, model: Any, pixels: Sequence[Pixels]) -> list[torch.Tensor]:
+        # One "conversation" per image, padded with all-zero tiles and images
+        # as the processor pads a batch (the model drops those), so that
+        # pooler_output comes back per image.
+        values = _stack_padded([p["pixel_values"] for p in pixels])
+        masks = _stack_padded([p["pixel_attention_mask"] for p in pixels])
         output = model.base_model.get_image_features(
-            pixel_values=pixels["pixel_values"].to(model.device, dtype=model.dtype),
-            pixel_attention_mask=pixels["pixel_attention_mask"].to(model.device),
+            pixel_values=values.to(model.device, dtype=model.dtype),
+            pixel_attention_mask=masks.to(model.device),
         )
         return list(output.pooler_output)
 
@@ -175,3 +214,15 @@ def _chat_messages(
                 content.append({"type": "image", "image": next(images)})
         messages.append({"role": turn.role, "content": content})
     return messages
+
+
+def _stack_padded(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Stack tensors into one batch, padding every dimension with zeros at its end."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+    padded = []
+    for tensor in tensors:
+        pads: list[int] = []
+        for dim in reversed(range(tensor.dim())):
+            pads += [0, shape[dim] - tensor.shape[dim]]
+        padded.append(torch.nn.functional.pad(tensor, pads) if any(pads) else tensor)
+    return torch.stack(padded)

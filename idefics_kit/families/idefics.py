@@ -16,11 +16,10 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
-from PIL import Image
 
 from idefics_kit.conversation import Conversation, TextPart
 from idefics_kit.errors import ConversationError
-from idefics_kit.families.base import END_OF_UTTERANCE, FamilyAdapter, LoadedImages
+from idefics_kit.families.base import END_OF_UTTERANCE, FamilyAdapter, LoadedImages, Pixels
 
 __all__ = ["IdeficsAdapter"]
 
@@ -36,16 +35,19 @@ class IdeficsAdapter(FamilyAdapter):
 
     def __init__(self, processor: Any, generation_config: Any) -> None:
         super().__init__(processor, generation_config)
-        self._padding_features: torch.Tensor | None = None
+        self._padding: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     @property
     def sequence_keys(self) -> dict[str, int]:
         # Which image each token may attend to (cross-attention), per token.
         return {**super().sequence_keys, "image_attention_mask": 0}
 
-    def image_features(self, model: Any, images: Sequence[Image.Image]) -> list[torch.Tensor]:
-        pixels = self.processor.image_processor(list(images), return_tensors="pt")
-        return list(self._encode_pixels(model, pixels))
+    def split_pixels(self, encoded: Any, count: int) -> list[Pixels]:
+        return [{"pixel_values": encoded["pixel_values"][0, index]} for index in range(count)]
+
+    def image_features(self, model: Any, pixels: Sequence[Pixels]) -> list[torch.Tensor]:
+        stacked = torch.stack([p["pixel_values"] for p in pixels])
+        return list(self._encode_pixels(model, stacked))
 
     def with_image_features(
         self, model: Any, inputs: dict[str, Any], features: list[list[torch.Tensor]]
@@ -53,14 +55,25 @@ class IdeficsAdapter(FamilyAdapter):
         # Rows with fewer images are padded with all-zero images, exactly as
         # the processor pads pixel_values; their output is masked anyway.
         slots = int(inputs["pixel_values"].shape[1])
-        if self._padding_features is None and any(len(row) < slots for row in features):
-            blank = torch.zeros_like(inputs["pixel_values"][0, :1])
-            self._padding_features = self._encode_pixels(model, blank)[0]
-        padding = [self._padding_features] if self._padding_features is not None else []
+        padding = []
+        if any(len(row) < slots for row in features):
+            padding = [self._padding_features(model, inputs["pixel_values"][0, :1])]
         rows = [torch.stack(row + padding * (slots - len(row))) for row in features]
         rest = {k: v for k, v in inputs.items() if k != "pixel_values"}
         rest["image_encoder_embeddings"] = torch.stack(rows)
         return rest
+
+    def _padding_features(self, model: Any, like: torch.Tensor) -> torch.Tensor:
+        """The encoder output of an all-zero image, once per device and dtype.
+
+        Computed in inference mode: a tensor kept for the adapter's lifetime
+        must not hold an autograd graph.
+        """
+        key = (model.device, model.dtype)
+        if key not in self._padding:
+            with torch.inference_mode():
+                self._padding[key] = self._encode_pixels(model, torch.zeros_like(like))[0]
+        return self._padding[key]
 
     def _encode_pixels(self, model: Any, pixels: torch.Tensor) -> torch.Tensor:
         """Vision encoder output, one row per image of ``pixels`` (N, 3, H, W)."""

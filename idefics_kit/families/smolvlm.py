@@ -8,8 +8,10 @@ Same image layout as IDEFICS 3 (tiles with ``<row_i_col_j>`` tags and a
 
 from __future__ import annotations
 
-from idefics_kit.families.base import ChatTemplateAdapter
-from idefics_kit.families.idefics3 import TILE_TOKENS
+from typing import Any
+
+from idefics_kit.families.base import ChatTemplateAdapter, Pixels
+from idefics_kit.families.idefics3 import TILE_TOKENS, count_tiles
 
 __all__ = ["SmolVLMAdapter"]
 
@@ -20,3 +22,9 @@ class SmolVLMAdapter(ChatTemplateAdapter):
     family = "smolvlm"
     model_type = "smolvlm"
     banned_tokens = (*ChatTemplateAdapter.banned_tokens, *TILE_TOKENS)
+
+    def split_pixels(self, encoded: Any, count: int) -> list[Pixels]:
+        tiles = count_tiles(self, encoded)
+        if len(tiles) != count:
+            raise ValueError(f"{len(tiles)} <global-img> views for {count} images")
+        return self._slices(encoded, tiles)

@@ -1,0 +1,271 @@
+"""Benchmark 5: concurrent callers sharing one Generator.
+
+64 conversations (mixed prompts, 1-3 images of varied sizes, from the same
+generator as benchmark 2) on the "small" IDEFICS 2 checkpoint, 24 new tokens,
+greedy. Sides, run alternately in the same process:
+
+* threads: 16 threads, each asking its 4 questions one after another with
+  ``gen.generate`` (one shared Generator, ``max_batch_size=16``);
+* asyncio: 16 tasks on one event loop, each awaiting its 4 ``gen.agenerate``;
+* sequential: the same 64 requests made one after another on the Generator;
+* ceiling: one ``gen.generate_batch`` call over the 64 (``batch_size=16``);
+* raw singles: a loop of plain transformers calls (processor +
+  ``model.generate``), one conversation each.
+
+Throughput is requests per second of wall time; latency is from a request's
+call to its answer. Token ids of the concurrent sides are compared with the
+sequential ones (each a lone call) before timing. The vision cache is
+cleared before every run (each conversation has its own pictures anyway).
+
+    .venv/bin/python benchmarks/bench_concurrency.py [--quick] [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import _common  # before idefics_kit: sets HF_HUB_OFFLINE before transformers loads
+from bench_batching import make_contents
+
+from idefics_kit import Conversation, Generator, Result
+
+FAMILY = "idefics2"
+CALLERS = 16
+PER_CALLER = 4
+COUNT = CALLERS * PER_CALLER
+BATCH = 16
+MAX_NEW_TOKENS = 24
+TARGET_SHARE_OF_CEILING = 0.9
+SIDES = ("threads", "asyncio", "sequential", "ceiling", "raw_singles")
+
+
+class Run:
+    """Answers and per-request latencies of one run of a side."""
+
+    def __init__(self) -> None:
+        self.results: dict[int, Result] = {}
+        self.latencies: list[float] = []
+        self.lock = threading.Lock()
+
+    def record(self, index: int, result: Result, started: float) -> None:
+        with self.lock:
+            self.results[index] = result
+            self.latencies.append(time.perf_counter() - started)
+
+
+def percentile(values: list[float], share: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(share * (len(ordered) - 1)))]
+
+
+def bench(root: Path, runs: int) -> dict[str, Any]:
+    path = _common.build_checkpoint(FAMILY, root)
+    gen = Generator.from_pretrained(path, device="cpu", max_batch_size=BATCH)
+    reference = _common.Reference(gen, FAMILY)
+    contents = make_contents(COUNT, seed=5)
+    convs = [_common.conversation(content) for content in contents]
+    own: dict[str, Run] = {}
+
+    def caller_plan(caller: int) -> list[tuple[int, Conversation]]:
+        return [(caller * PER_CALLER + k, convs[caller * PER_CALLER + k]) for k in range(4)]
+
+    def threads() -> Run:
+        gen.clear_vision_cache()
+        run = Run()
+
+        def caller(number: int) -> None:
+            for index, conv in caller_plan(number):
+                started = time.perf_counter()
+                run.record(index, gen.generate(conv, max_new_tokens=MAX_NEW_TOKENS), started)
+
+        workers = [threading.Thread(target=caller, args=(n,)) for n in range(CALLERS)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        own["threads"] = run
+        return run
+
+    def in_asyncio() -> Run:
+        gen.clear_vision_cache()
+        run = Run()
+
+        async def caller(number: int) -> None:
+            for index, conv in caller_plan(number):
+                started = time.perf_counter()
+                result = await gen.agenerate(conv, max_new_tokens=MAX_NEW_TOKENS)
+                run.record(index, result, started)
+
+        async def everyone() -> None:
+            await asyncio.gather(*(caller(n) for n in range(CALLERS)))
+
+        asyncio.run(everyone())
+        own["asyncio"] = run
+        return run
+
+    def sequential() -> Run:
+        gen.clear_vision_cache()
+        run = Run()
+        for index, conv in enumerate(convs):
+            started = time.perf_counter()
+            run.record(index, gen.generate(conv, max_new_tokens=MAX_NEW_TOKENS), started)
+        own["sequential"] = run
+        return run
+
+    def ceiling() -> Run:
+        gen.clear_vision_cache()
+        run = Run()
+        started = time.perf_counter()
+        results = gen.generate_batch(convs, batch_size=BATCH, max_new_tokens=MAX_NEW_TOKENS)
+        for index, result in enumerate(results):
+            run.record(index, result, started)
+        own["ceiling"] = run
+        return run
+
+    def raw_singles() -> list[list[int]]:
+        return [reference.generate([content], MAX_NEW_TOKENS)[0] for content in contents]
+
+    # Correctness first (also a warm-up round).
+    lone = sequential().results
+    raw = raw_singles()
+    differing = {
+        "sequential_vs_raw_singles": sum(
+            list(lone[i].token_ids) != raw[i] for i in range(COUNT)
+        ),
+    }
+    for side, make in (("threads", threads), ("asyncio", in_asyncio), ("ceiling", ceiling)):
+        got = make().results
+        differing[f"{side}_vs_sequential"] = sum(
+            got[i].token_ids != lone[i].token_ids for i in range(COUNT)
+        )
+    latencies: dict[str, list[float]] = {side: [] for side in SIDES}
+    batches: dict[str, list[float]] = {side: [] for side in ("threads", "asyncio")}
+
+    def timed(side: str, make: Any) -> Any:
+        def run() -> None:
+            before = gen.stats()
+            make()
+            after = gen.stats()
+            if side in own:
+                latencies[side].extend(own[side].latencies)
+            if side in batches:
+                rows = after.rows - before.rows
+                batches[side].append(rows / max(1, after.batches - before.batches))
+
+        return run
+
+    timings = _common.interleaved(
+        {
+            "threads": timed("threads", threads),
+            "asyncio": timed("asyncio", in_asyncio),
+            "sequential": timed("sequential", sequential),
+            "ceiling": timed("ceiling", ceiling),
+            "raw_singles": timed("raw_singles", raw_singles),
+        },
+        runs=runs,
+        warmup=0,
+    )
+    times = timings.seconds
+    stats = {side: _common.summary(seconds) for side, seconds in times.items()}
+    rps = {side: round(COUNT / float(stats[side]["median_s"]), 3) for side in SIDES}
+    paired = {
+        f"{side}_vs_{base}": round(_common.paired_ratio(times[base], times[side]), 3)
+        for side in ("threads", "asyncio", "ceiling")
+        for base in ("sequential", "raw_singles")
+    }
+    paired["threads_share_of_ceiling"] = round(
+        _common.paired_ratio(times["ceiling"], times["threads"]), 3
+    )
+    paired["asyncio_share_of_ceiling"] = round(
+        _common.paired_ratio(times["ceiling"], times["asyncio"]), 3
+    )
+    return {
+        "family": FAMILY,
+        "requests": COUNT,
+        "times": stats,
+        "requests_per_s": rps,
+        "paired_ratios": paired,
+        "latency_s": {
+            side: {
+                "p50": round(statistics.median(values), 4),
+                "p95": round(percentile(values, 0.95), 4),
+            }
+            for side, values in latencies.items()
+            if values
+        },
+        "mean_batch_size": {
+            side: round(statistics.mean(values), 2) for side, values in batches.items() if values
+        },
+        "differing_outputs": differing,
+        "foreign_cpu_share": timings.foreign_cpu_share,
+        "rejected_noisy_rounds": timings.rejected_rounds,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 timed runs instead of 5")
+    parser.add_argument("--runs", type=int, help="timed runs per side")
+    args = parser.parse_args()
+    runs = args.runs or (2 if args.quick else 5)
+    _common.configure()
+    with tempfile.TemporaryDirectory(prefix="idefics-kit-bench-") as tmp:
+        row = bench(Path(tmp), runs)
+    print(
+        f"Concurrency: {CALLERS} callers x {PER_CALLER} requests ({FAMILY}, small checkpoint, "
+        f"max_new_tokens={MAX_NEW_TOKENS}, max_batch_size={BATCH}), {runs} interleaved runs"
+    )
+    print(
+        _common.table(
+            ["side", "median s", "requests/s", "p50 latency s", "p95 latency s", "mean batch"],
+            [
+                [
+                    side,
+                    f"{row['times'][side]['median_s']:.2f}",
+                    row["requests_per_s"][side],
+                    row["latency_s"].get(side, {}).get("p50", "-"),
+                    row["latency_s"].get(side, {}).get("p95", "-"),
+                    row["mean_batch_size"].get(side, "-"),
+                ]
+                for side in SIDES
+            ],
+        )
+    )
+    print()
+    for name, value in row["paired_ratios"].items():
+        print(f"{name}: {value:.3f}")
+    for side in ("threads", "asyncio"):
+        share = row["paired_ratios"][f"{side}_share_of_ceiling"]
+        verdict = "met" if share >= TARGET_SHARE_OF_CEILING else "MISSED"
+        print(f"{side}: {share:.0%} of the ceiling's throughput (target 90%): {verdict}")
+    print(f"differing token ids: {row['differing_outputs']}")
+    print(
+        f"other processes used {row['foreign_cpu_share']:.0%} of the CPUs "
+        f"({row['rejected_noisy_rounds']} noisy rounds rerun)"
+    )
+    path = _common.write_results(
+        "concurrency",
+        {
+            "settings": {
+                "checkpoint": "build_tiny_checkpoint(size='small'), float32, CPU",
+                "callers": CALLERS,
+                "requests_per_caller": PER_CALLER,
+                "max_batch_size": BATCH,
+                "max_new_tokens": MAX_NEW_TOKENS,
+                "runs": runs,
+            },
+            "result": row,
+        },
+    )
+    print(f"\nwrote {path.relative_to(_common.ROOT)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,223 @@
+"""Streams of answer text: :class:`TextStream` (iterate) and :class:`AsyncTextStream` (async for).
+
+The worker hands each stream the token ids of its own row as the decoding
+steps produce them; the stream decodes them in the consumer's thread (or
+event loop), so a slow consumer never slows the batch, and closing a stream
+only stops its own row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from idefics_kit.engine import TextDecoder
+from idefics_kit.errors import RequestTimeoutError
+from idefics_kit.results import Result
+from idefics_kit.scheduler import Outcome, Request
+
+__all__ = ["AsyncTextStream", "TextStream"]
+
+
+class _Final:
+    __slots__ = ("outcome",)
+
+    def __init__(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+
+
+def _timeout_error(timeout: float | None) -> RequestTimeoutError:
+    return RequestTimeoutError(
+        f"no complete answer within timeout={timeout}s; the request was cancelled "
+        "(raise timeout, or lower max_new_tokens)"
+    )
+
+
+class _Pieces:
+    """Turns a row's tokens and final outcome into text pieces (shared by both streams)."""
+
+    def __init__(self, decoder: TextDecoder) -> None:
+        self.decoder = decoder
+        self.result: Result | None = None
+        self.done = False
+
+    def take(self, item: object) -> str | None:
+        """The text to yield for ``item`` ("" for nothing yet); None at the end."""
+        if isinstance(item, int):
+            return self.decoder.feed((item,))
+        assert isinstance(item, _Final)
+        self.done = True
+        outcome = item.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        if outcome.error is not None:
+            raise outcome.error
+        self.result = outcome
+        return self.decoder.rest(outcome.text) or None
+
+
+class TextStream:
+    """The answer to one conversation, in text pieces as soon as they are final.
+
+    Iterate it; ``"".join(stream)`` equals ``generate(...).text``. Once it is
+    exhausted, :attr:`result` holds the full :class:`Result` (finish reason,
+    token ids, usage). :meth:`close` (or leaving a ``with`` block, or
+    dropping the stream) stops its row after the current decoding step;
+    other rows of the batch are not affected.
+    """
+
+    def __init__(self, decoder: TextDecoder, timeout: float | None) -> None:
+        self._pieces = _Pieces(decoder)
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._timeout = timeout
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._request: Request | None = None
+
+    @property
+    def result(self) -> Result | None:
+        """The full Result once the stream is exhausted; None before."""
+        return self._pieces.result
+
+    def _attach(self, request: Request) -> None:
+        self._request = request
+
+    def _on_token(self, token: int) -> None:
+        self._queue.put(token)
+
+    def _on_done(self, outcome: Outcome) -> None:
+        self._queue.put(_Final(outcome))
+
+    def __iter__(self) -> TextStream:
+        return self
+
+    def __next__(self) -> str:
+        try:
+            while not self._pieces.done:
+                piece = self._pieces.take(self._get())
+                if piece is None:
+                    break
+                if piece:
+                    return piece
+        except BaseException:
+            self.close()
+            raise
+        raise StopIteration
+
+    def _get(self) -> object:
+        if self._deadline is None:
+            return self._queue.get()
+        try:
+            return self._queue.get(timeout=max(0.0, self._deadline - time.monotonic()))
+        except queue.Empty:
+            raise _timeout_error(self._timeout) from None
+
+    def close(self) -> None:
+        """Stop this stream's row (no effect once the stream is exhausted)."""
+        self._pieces.done = True
+        if self._request is not None:
+            self._request.cancel()
+
+    def __enter__(self) -> TextStream:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        if self._request is not None:
+            self._request.cancel()
+
+
+class AsyncTextStream:
+    """:class:`TextStream` for ``async for``; the event loop is never blocked.
+
+    The conversation is prepared (images decoded, prompt encoded) in a worker
+    thread when iteration starts, so input errors are raised by the first
+    ``__anext__``. Cancelling the task that iterates, or ``await
+    stream.aclose()``, stops the row after the current decoding step.
+    """
+
+    def __init__(
+        self,
+        decoder: TextDecoder,
+        timeout: float | None,
+        submit: Callable[[AsyncTextStream], Awaitable[Request]],
+    ) -> None:
+        self._pieces = _Pieces(decoder)
+        self._timeout = timeout
+        self._submit: Callable[[AsyncTextStream], Awaitable[Request]] | None = submit
+        self._request: Request | None = None
+        self._queue: asyncio.Queue[object] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._deadline: float | None = None
+
+    @property
+    def result(self) -> Result | None:
+        """The full Result once the stream is exhausted; None before."""
+        return self._pieces.result
+
+    def _on_token(self, token: int) -> None:
+        self._post(token)
+
+    def _on_done(self, outcome: Outcome) -> None:
+        self._post(_Final(outcome))
+
+    def _post(self, item: object) -> None:
+        # Called from the worker thread; a closed loop means nobody listens.
+        assert self._loop is not None
+        assert self._queue is not None
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:
+            if self._request is not None:
+                self._request.cancel()
+
+    def __aiter__(self) -> AsyncTextStream:
+        return self
+
+    async def __anext__(self) -> str:
+        try:
+            if self._submit is not None:
+                submit, self._submit = self._submit, None
+                self._loop = asyncio.get_running_loop()
+                self._queue = asyncio.Queue()
+                if self._timeout is not None:
+                    self._deadline = self._loop.time() + self._timeout
+                self._request = await self._with_deadline(submit(self))
+            while not self._pieces.done:
+                assert self._queue is not None
+                piece = self._pieces.take(await self._with_deadline(self._queue.get()))
+                if piece is None:
+                    break
+                if piece:
+                    return piece
+        except BaseException:
+            self._cancel()
+            raise
+        raise StopAsyncIteration
+
+    async def _with_deadline(self, awaitable: Awaitable[Any]) -> Any:
+        if self._deadline is None:
+            return await awaitable
+        assert self._loop is not None
+        try:
+            return await asyncio.wait_for(awaitable, max(0.0, self._deadline - self._loop.time()))
+        except asyncio.TimeoutError:
+            raise _timeout_error(self._timeout) from None
+
+    def _cancel(self) -> None:
+        self._pieces.done = True
+        self._submit = None
+        if self._request is not None:
+            self._request.cancel()
+
+    async def aclose(self) -> None:
+        """Stop this stream's row (no effect once the stream is exhausted)."""
+        self._cancel()
+
+    def __del__(self) -> None:
+        if self._request is not None:
+            self._request.cancel()
