@@ -9,6 +9,9 @@ that a real checkpoint takes is exercised: apps can use it in their own tests.
 
 The checkpoints mirror real ones where the SDK depends on it:
 
+* IDEFICS 1 and 2: a Llama-2 style SentencePiece BPE whose alphabet holds
+  every printable ASCII character, so any JSON text can be written (the
+  published tokenizers reach every byte through byte fallback instead).
 * IDEFICS 1: ``<image>``/``<fake_token_around_image>``/``<end_of_utterance>``
   live in the decoupled "additional" vocabulary, as on idefics-9b-instruct;
   the generation config lists only ``</s>``.
@@ -23,6 +26,7 @@ The checkpoints mirror real ones where the SDK depends on it:
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -76,6 +80,8 @@ class _TokenizerSpec:
     base_specials: tuple[str, ...]
     extra: tuple[str, ...]
     add_bos: bool
+    byte_fallback: bool = False
+    """Llama 2's ``<0x00>`` ... ``<0xFF>`` pieces and decoder (SentencePiece specs only)."""
 
 
 # Llama-2 style SentencePiece BPE (Metaspace), as idefics-9b and Mistral.
@@ -147,7 +153,8 @@ def _train_tokenizer(spec: _TokenizerSpec, seed: int) -> Any:
         tok = Tokenizer(models.BPE(unk_token=spec.unk, byte_fallback=False))
         tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
         tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-        alphabet = sorted(set("".join(_corpus(seed))) | {"▁"})
+        printable = {chr(c) for c in range(0x20, 0x7F)}
+        alphabet = sorted(set("".join(_corpus(seed))) | printable | {"▁"})
     trainer = trainers.BpeTrainer(
         vocab_size=320,
         special_tokens=list(spec.base_specials),
@@ -155,6 +162,8 @@ def _train_tokenizer(spec: _TokenizerSpec, seed: int) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(_corpus(seed), trainer=trainer)
+    if spec.byte_fallback:
+        tok = _with_byte_fallback(tok, len(spec.base_specials))
     if spec.add_bos:
         bos_id = tok.token_to_id(spec.bos)
         tok.post_processor = processors.TemplateProcessing(
@@ -172,6 +181,29 @@ def _train_tokenizer(spec: _TokenizerSpec, seed: int) -> Any:
     )
     fast.add_special_tokens({"additional_special_tokens": list(spec.extra)})
     return fast
+
+
+def _with_byte_fallback(tok: Any, specials: int) -> Any:
+    """``tok`` with Llama-2's byte pieces after its first ``specials`` ids and its decoder."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    ordered = sorted(data["model"]["vocab"], key=data["model"]["vocab"].__getitem__)
+    pieces = [f"<0x{byte:02X}>" for byte in range(256)]
+    tokens = ordered[:specials] + pieces + ordered[specials:]
+    data["model"]["vocab"] = {token: index for index, token in enumerate(tokens)}
+    data["model"]["byte_fallback"] = True
+    # Llama-2's decoder: the first space of the answer is dropped, byte pieces fused.
+    data["decoder"] = {
+        "type": "Sequence",
+        "decoders": [
+            {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+            {"type": "ByteFallback"},
+            {"type": "Fuse"},
+            {"type": "Strip", "content": " ", "start": 1, "stop": 0},
+        ],
+    }
+    return Tokenizer.from_str(json.dumps(data))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -1,0 +1,113 @@
+"""Scoring candidate answers: exact against a plain transformers forward pass, every family.
+
+The reference concatenates the prompt ids with the choice's ids and runs one
+forward pass of the model (IDEFICS 1's per-token image mask extended the way
+``generate`` extends it); the log-probability of a choice is the sum of the
+log-softmax of the logits before each of its tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+import torch
+from transformers import BatchFeature
+
+from idefics_kit import ChoiceScore, Conversation, Generator, InvalidParameterError
+from idefics_kit.scoring import choice_token_ids, score
+from tests.conftest import picture
+
+IMG_A = picture(40, 30, seed=1)
+IMG_B = picture(24, 56, seed=2)
+CASES = {
+    "one_image": Conversation().user("What is in this image?", IMG_A),
+    "two_images": Conversation().user(IMG_A, "and", IMG_B, "compare the two pictures"),
+    "text_only": Conversation().user("Tell me a story about a dog."),
+}
+CHOICES = ["red", "a blue circle", "the yellow square is on the left", "no", "7"]
+
+
+def encode(gen: Generator, conversation: Conversation) -> Any:
+    adapter = gen._adapter
+    images = [part.load() for part in conversation.images()]
+    return BatchFeature(dict(adapter.encode([conversation], [images]))).to(gen.device)
+
+
+def reference(gen: Generator, inputs: Any, ids: list[int]) -> float:
+    full = dict(inputs)
+    count = len(ids)
+    full["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([ids])], dim=1)
+    mask = inputs["attention_mask"]
+    full["attention_mask"] = torch.cat([mask, torch.ones(1, count, dtype=mask.dtype)], dim=1)
+    if "image_attention_mask" in inputs:
+        image_mask = inputs["image_attention_mask"]
+        full["image_attention_mask"] = torch.cat(
+            [image_mask, image_mask[:, -1:].expand(1, count, -1)], dim=1
+        )
+    with torch.inference_mode():
+        logprobs = torch.log_softmax(gen.model(**full).logits[0].float(), dim=-1)
+    start = int(inputs["input_ids"].shape[1]) - 1
+    return sum(float(logprobs[start + j, token]) for j, token in enumerate(ids))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_score_matches_a_reference_forward_pass(gen: Generator, case: str) -> None:
+    inputs = encode(gen, CASES[case])
+    scores = score(gen.model, gen._adapter, inputs, CHOICES)
+    assert [s.choice for s in scores] == CHOICES
+    for result in scores:
+        ids = list(choice_token_ids(gen._adapter, result.choice))
+        assert result.num_tokens == len(ids)
+        assert result.logprob == pytest.approx(reference(gen, inputs, ids), abs=1e-4)
+        assert result.mean_logprob == pytest.approx(result.logprob / result.num_tokens)
+        assert result.logprob < 0
+
+
+def test_choices_per_pass_do_not_change_scores(gen: Generator) -> None:
+    inputs = encode(gen, CASES["two_images"])
+    together = score(gen.model, gen._adapter, inputs, CHOICES)
+    one_by_one = score(gen.model, gen._adapter, inputs, CHOICES, rows=1)
+    for a, b in zip(together, one_by_one, strict=True):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+
+
+def test_scores_depend_on_the_image(gen: Generator) -> None:
+    if gen.family == "idefics":
+        pytest.skip("IDEFICS 1 cross-attention gates start at zero in random weights")
+    a = score(gen.model, gen._adapter, encode(gen, Conversation().user(IMG_A, "what?")), CHOICES)
+    b = score(gen.model, gen._adapter, encode(gen, Conversation().user(IMG_B, "what?")), CHOICES)
+    assert [x.logprob for x in a] != [y.logprob for y in b]
+
+
+def test_choice_tokens_decode_to_the_choice(gen: Generator) -> None:
+    for choice in CHOICES:
+        assert gen._adapter.decode(choice_token_ids(gen._adapter, choice)) == choice
+
+
+@pytest.mark.parametrize(
+    ("choices", "message"),
+    [
+        ("red", "choices must be a list of strings, got 'red'"),
+        ([], "choices must hold 1 to 1024 strings, got 0"),
+        (["red", ""], "choices must hold only non-empty strings, got ''"),
+        (["red", 3], "choices must hold only non-empty strings, got 3"),
+        (["<image>"], "choice '<image>' cannot be written as an answer"),
+    ],
+)
+def test_bad_choices_raise_before_model_work(
+    generators: dict[str, Generator], choices: Any, message: str
+) -> None:
+    gen = generators["idefics2"]
+    inputs = encode(gen, CASES["text_only"])
+    with pytest.raises(InvalidParameterError, match="^" + message.replace("(", r"\(")) as info:
+        score(gen.model, gen._adapter, inputs, choices)
+    assert info.value.parameter == "choices"
+
+
+def test_choice_score_is_a_frozen_value() -> None:
+    value = ChoiceScore(choice="red", logprob=-1.0, mean_logprob=-0.5, num_tokens=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        value.logprob = 0.0  # type: ignore[misc]
+    assert value == ChoiceScore(choice="red", logprob=-1.0, mean_logprob=-0.5, num_tokens=2)
