@@ -16,9 +16,9 @@ from idefics_kit._cli_batch import Progress
 from idefics_kit._cli_common import PROG, CliExit
 from idefics_kit.options import GenerationOptions
 
-__all__ = ["add_ray_flags", "run_ray_batch"]
+__all__ = ["add_ray_flags", "run_ray_batch", "wants_ray"]
 
-_RAY_ONLY = ("ray_address", "actors", "cpus_per_actor", "gpus_per_actor")
+_RAY_ONLY = ("ray_address", "actors", "cpus_per_actor", "gpus_per_actor", "rows_per_task")
 
 
 def _positive_number(text: str) -> float:
@@ -42,7 +42,7 @@ def _positive_count(text: str) -> int:
 
 
 def add_ray_flags(parser: argparse.ArgumentParser) -> None:
-    """``--ray``, ``--ray-address``, ``--actors``, ``--cpus-per-actor``, ``--gpus-per-actor``."""
+    """``--ray`` and the flags that go with it (cluster address, actors and their resources)."""
     group = parser.add_argument_group("Ray cluster (needs the [ray] extra)")
     group.add_argument(
         "--ray",
@@ -70,6 +70,13 @@ def add_ray_flags(parser: argparse.ArgumentParser) -> None:
         "else the cluster's CPUs shared out)",
     )
     group.add_argument(
+        "--rows-per-task",
+        type=_positive_count,
+        metavar="N",
+        help="rows per actor call, answered in model batches of --batch-size; a killed actor "
+        "redoes at most this many (default: 4 x --batch-size, at least 32)",
+    )
+    group.add_argument(
         "--gpus-per-actor",
         type=_positive_number,
         metavar="N",
@@ -95,6 +102,11 @@ def _quiet_ray(quiet: bool) -> Iterator[None]:
         context.enable_progress_bars = bars
         for logger, level in zip(loggers, levels, strict=True):
             logger.setLevel(level)
+
+
+def wants_ray(args: argparse.Namespace) -> bool:
+    """Whether any Ray flag was given (``run_ray_batch`` then insists on ``--ray``)."""
+    return bool(args.ray) or any(getattr(args, name, None) is not None for name in _RAY_ONLY)
 
 
 def run_ray_batch(
@@ -141,6 +153,7 @@ def run_ray_batch(
                 model=model,
                 actors=args.actors,
                 batch_size=args.batch_size,
+                rows_per_task=args.rows_per_task,
                 options=options,
                 device=args.device,
                 dtype=args.dtype,

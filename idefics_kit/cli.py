@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from idefics_kit import __version__
 from idefics_kit._cli_batch import BatchJob, run_batch
 from idefics_kit._cli_common import PROG, CliExit, cli_message, one_line
-from idefics_kit._cli_ray import add_ray_flags, run_ray_batch
+from idefics_kit._cli_ray import add_ray_flags, run_ray_batch, wants_ray
 from idefics_kit._cli_serve import SERVE_EPILOG, add_serve_flags, engine_options, run_serve
 from idefics_kit.conversation import Conversation
 from idefics_kit.errors import IdeficsKitError, InvalidParameterError
@@ -394,7 +394,7 @@ def _cmd_ask(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
 
 def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     model = _require_model(args)
-    if args.ray or args.ray_address or args.actors or args.cpus_per_actor or args.gpus_per_actor:
+    if wants_ray(args):
         return run_ray_batch(args, model, generation_options(args), err)
     job = BatchJob(
         input=args.input,

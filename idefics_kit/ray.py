@@ -157,7 +157,9 @@ class Predictor:
         if self.generator.device.type == "cpu":
             import torch
 
-            self.threads = num_threads if num_threads is not None else _assigned_cpus()
+            threads = num_threads if num_threads is not None else _assigned_cpus()
+            # Ray's CPUs are a scheduling promise; never more threads than the node has.
+            self.threads = max(1, min(threads, os.cpu_count() or threads))
             torch.set_num_threads(self.threads)
 
     def __call__(self, batch: Any) -> pa.Table:
@@ -311,6 +313,8 @@ class _Inputs:
     """Rows the driver writes itself: JSONL lines that are not records (no model work)."""
     build: Callable[[], Any] | None = None
     """Makes the ray Dataset of the pending rows (called once Ray is up)."""
+    spare_cpus: int = 1
+    """CPUs to leave to Ray Data's read tasks (none for rows the driver hands over)."""
 
 
 @contextlib.contextmanager
@@ -360,7 +364,7 @@ def _jsonl_inputs(path: Path, done: Done, per_task: int) -> _Inputs:
     with _usage_errors():
         index = [(record.line, record.id) for record in read_records(path)]
         _check_unique(index, path)
-        inputs = _Inputs(total=len(index))
+        inputs = _Inputs(total=len(index), spare_cpus=0)
         items: list[Row] = []
         for record in read_records(path):
             if done.has(record.line, record.id):
@@ -452,7 +456,7 @@ def _parquet_inputs(paths: list[Path], done: Done) -> _Inputs:
         positions.extend((str(path), row) for row in range(1, len(column) + 1))
     files = [str(path.resolve()) for path in paths]
     return _table_inputs(
-        lambda: ray.data.read_parquet(files, columns=sorted(columns)), ids, positions, done
+        lambda: ray.data.read_parquet(files).select_columns(sorted(columns)), ids, positions, done
     )
 
 
@@ -620,9 +624,13 @@ def _ray_session(address: str | None, log_to_driver: bool) -> Iterator[None]:
 
 
 def _resources(
-    actors: int | None, cpus: float | None, gpus: float | None
+    actors: int | None, cpus: float | None, gpus: float | None, spare_cpus: int
 ) -> tuple[int, float, float]:
-    """Actors and per-actor CPUs/GPUs, defaults taken from the cluster's resources."""
+    """Actors and per-actor CPUs/GPUs, defaults taken from the cluster's resources.
+
+    Without GPUs the actors share the cluster's CPUs, less ``spare_cpus`` left
+    for Ray Data's read tasks (an actor pool holding every CPU would wait on
+    reads forever)."""
     cluster = ray.cluster_resources()
     cluster_gpus = int(cluster.get("GPU", 0))
     if gpus is None:
@@ -630,7 +638,8 @@ def _resources(
     if actors is None:
         actors = max(1, int(cluster_gpus // gpus)) if gpus else 1
     if cpus is None:
-        cpus = 1.0 if gpus else float(max(1, int(cluster.get("CPU", 1)) // actors))
+        free = int(cluster.get("CPU", 1)) - spare_cpus
+        cpus = 1.0 if gpus else float(max(1, free // actors))
     return actors, cpus, gpus
 
 
@@ -736,7 +745,9 @@ def run_batch(
             emit(row)
         if job.build is not None:
             with _ray_session(address, log_to_driver):
-                count, cpus, gpus = _resources(actors, num_cpus_per_actor, num_gpus_per_actor)
+                count, cpus, gpus = _resources(
+                    actors, num_cpus_per_actor, num_gpus_per_actor, job.spare_cpus
+                )
                 dataset = job.build().map_batches(
                     Predictor,
                     fn_constructor_kwargs={

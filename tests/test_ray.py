@@ -1,0 +1,340 @@
+"""idefics_kit.ray on a local Ray cluster that this module starts once per test run.
+
+The cluster over-declares its CPUs (8 on whatever the machine has) and each
+model actor asks for 1, so two actors, Ray Data's read tasks and a CLI
+driver in a subprocess never wait on each other; the object store is capped
+at 200 MB; usage stats, the dashboard, progress bars and worker logs on the
+driver are off. The toy model answers: the rows must be exactly the rows the
+local ``idefics-kit batch`` command writes for the same file.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ray = pytest.importorskip("ray")
+ray_data = pytest.importorskip("ray.data")
+
+from idefics_kit import Conversation, ImagePart, UsageError  # noqa: E402
+from idefics_kit.cli import main as cli_main  # noqa: E402
+from idefics_kit.ray import ROW_SCHEMA, run_batch  # noqa: E402
+from idefics_kit.toy.scenes import QUESTIONS, draw_count_scene, draw_scene  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+Row = dict[str, Any]
+GOOD = 200
+
+
+@pytest.fixture(scope="session")
+def ray_address() -> Iterator[str]:
+    """One local Ray instance for the whole test run; its GCS address."""
+    if ray.is_initialized():  # pragma: no cover - another module's session
+        yield str(ray.get_runtime_context().gcs_address)
+        return
+    ray.init(
+        num_cpus=8,
+        object_store_memory=200 * 1024**2,
+        include_dashboard=False,
+        log_to_driver=False,
+        configure_logging=False,
+    )
+    with warnings.catch_warnings():
+        # Ray 2.60's DataContext() warns about its own deprecated defaults.
+        warnings.filterwarnings("ignore", r"`\w+` is deprecated", DeprecationWarning)
+        context = ray_data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    try:
+        yield str(ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()
+
+
+def _good_rows(folder: Path, count: int) -> list[Row]:
+    """``count`` toy questions, every kind; the images alternate inline base64 and files."""
+    rng = random.Random(12)
+    kinds = list(QUESTIONS)
+    rows = []
+    for number in range(count):
+        kind = kinds[number % len(kinds)]
+        size = (rng.randint(64, 144), rng.randint(64, 144))
+        scene = draw_count_scene(rng, size=size) if kind == "count" else draw_scene(rng, size=size)
+        if number % 2:
+            path = folder / f"scene{number}.png"
+            scene.image.save(path)
+            image = ImagePart.from_path(str(path))
+        else:
+            image = ImagePart.from_pil(scene.image)
+        conversation = Conversation().user(image, QUESTIONS[kind])
+        rows.append({"id": f"g{number:03d}", "messages": conversation.to_messages()})
+    return rows
+
+
+def _ask(image: dict[str, str]) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": [image, {"type": "text", "text": "What shape is it?"}]}]
+
+
+BAD_LINES = {
+    "bad-image-missing": _ask({"type": "image", "path": "/nonexistent/idefics-kit/x.png"}),
+    "bad-image-bytes": _ask(
+        {"type": "image", "base64": base64.b64encode(b"not an image at all").decode()}
+    ),
+    "bad-messages-type": "hello",
+    "bad-messages-assistant": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+    ],
+    "private-url": _ask({"type": "image", "url": "http://127.0.0.1:9/x.png"}),
+}
+
+
+def _write_jsonl(path: Path, rows: list[Row], extra_lines: dict[int, str] | None = None) -> Path:
+    lines = [json.dumps(row) for row in rows]
+    for position, line in sorted((extra_lines or {}).items()):
+        lines.insert(position, line)
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def _local_rows(input_path: Path, output: Path) -> list[Row]:
+    assert cli_main(["batch", "--quiet", str(input_path), "-o", str(output)]) == 0
+    return [json.loads(line) for line in output.read_text().splitlines()]
+
+
+def _part_rows(folder: Path) -> list[Row]:
+    return [
+        json.loads(line)
+        for part in sorted(folder.glob("part-*.jsonl"))
+        for line in part.read_text().splitlines()
+    ]
+
+
+def _key(row: Row) -> str:
+    return str(row["id"]) if row["id"] is not None else f"line:{row['line']}"
+
+
+def _by_key(rows: list[Row]) -> dict[str, Row]:
+    keyed = {_key(row): row for row in rows}
+    assert len(keyed) == len(rows), "a row was written twice"
+    return keyed
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The 200 good rows with bad ones among them, as JSONL, and the local command's rows."""
+    folder = tmp_path_factory.mktemp("ray_job")
+    rows = _good_rows(folder, GOOD)
+    for number, (record_id, messages) in enumerate(BAD_LINES.items()):
+        rows.insert(17 + 31 * number, {"id": record_id, "messages": messages})
+    extra = {5: '{"id": "broken json', 90: '{"id": "no-messages"}'}
+    input_path = _write_jsonl(folder / "in.jsonl", rows, extra)
+    local = _local_rows(input_path, folder / "local.jsonl")
+    assert len(local) == GOOD + len(BAD_LINES) + len(extra)
+    return {"folder": folder, "rows": rows, "input": input_path, "local": _by_key(local)}
+
+
+def _actor_pids() -> set[int]:
+    """The processes of this cluster's live Predictor actors."""
+    from ray._private import state
+
+    return {
+        int(actor["Pid"])
+        for actor in state.actors().values()
+        if actor["ActorClassName"].startswith("MapWorker(MapBatches(Predictor))")
+        and actor["State"] == "ALIVE"
+        and actor.get("Pid")
+    }
+
+
+@pytest.fixture(scope="module")
+def ray_run(ray_address: str, job: dict[str, Any]) -> dict[str, Any]:
+    """The job over 2 actors; when its first row arrives, one actor is killed (SIGKILL)."""
+    output = job["folder"] / "ray_out"
+    killed: list[int] = []
+    before: set[int] = set()
+    after: set[int] = set()
+
+    def kill_one(row: Row) -> None:
+        pids = _actor_pids()
+        if killed:
+            after.update(pids)
+        elif pids:
+            before.update(pids)
+            killed.append(min(pids))
+            os.kill(killed[0], signal.SIGKILL)
+
+    summary = run_batch(
+        job["input"],
+        output,
+        actors=2,
+        num_cpus_per_actor=1,
+        batch_size=8,
+        rows_per_task=16,
+        on_row=kill_one,
+    )
+    rows = _part_rows(output)
+    return {"summary": summary, "rows": rows, "killed": killed, "before": before, "after": after}
+
+
+@pytest.fixture(scope="module")
+def ray_rows(ray_run: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = ray_run["rows"]
+    return rows
+
+
+def test_200_rows_over_two_actors_equal_the_local_batch_command(
+    ray_rows: list[Row], job: dict[str, Any]
+) -> None:
+    got = _by_key(ray_rows)
+    assert set(got) == set(job["local"])
+    for key, row in job["local"].items():
+        assert got[key] == row, key
+    answered = [row for row in ray_rows if row["error"] is None]
+    assert len(answered) == GOOD
+    assert all(row["usage"]["completion_tokens"] >= 1 for row in answered)
+
+
+def test_bad_rows_become_error_rows(ray_rows: list[Row]) -> None:
+    got = _by_key(ray_rows)
+    types = {key: got[key]["error"]["type"] for key in BAD_LINES}
+    assert types == {
+        "bad-image-missing": "ImageLoadError",
+        "bad-image-bytes": "ImageLoadError",
+        "bad-messages-type": "ConversationError",
+        "bad-messages-assistant": "ConversationError",
+        "private-url": "ImageLoadError",
+    }
+    assert "loopback" in got["private-url"]["error"]["message"]
+    assert "--allow-private-network" in got["private-url"]["error"]["message"]
+    assert got["line:6"]["error"]["type"] == "RecordError"
+    assert got["no-messages"]["error"]["type"] == "RecordError"
+    for key in (*BAD_LINES, "line:6", "no-messages"):
+        assert got[key]["text"] is got[key]["usage"] is got[key]["finish_reason"] is None
+
+
+def test_duplicate_ids_are_refused_before_any_work(tmp_path: Path) -> None:
+    rows = [{"id": "a", "messages": "x"}, {"id": "b", "messages": "x"}, {"id": "a", "messages": 1}]
+    input_path = _write_jsonl(tmp_path / "dup.jsonl", rows)
+    with pytest.raises(UsageError, match=r"duplicate id 'a' on lines 1 and 3"):
+        run_batch(input_path, tmp_path / "out", address="127.0.0.1:1")  # never connected to
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_duplicated(
+    ray_run: dict[str, Any], job: dict[str, Any]
+) -> None:
+    """The 200-row job above lost an actor to SIGKILL after its first rows: Ray restarted
+    it and retried its batches; the driver wrote each id once (checked in full above)."""
+    assert ray_run["killed"], "no actor was alive to kill"
+    with pytest.raises(ProcessLookupError):
+        os.kill(ray_run["killed"][0], 0)
+    restarted = ray_run["after"] - ray_run["before"]
+    assert restarted, "no new actor process came up after the kill"
+    summary = ray_run["summary"]
+    assert summary.written == len(ray_run["rows"]) == len(job["local"])
+    assert summary.already_done == 0
+    assert len({_key(row) for row in ray_run["rows"]}) == len(job["local"])
+
+
+def test_an_interrupted_cli_job_rerun_ends_with_every_id_once(
+    ray_address: str, job: dict[str, Any], tmp_path: Path
+) -> None:
+    rows = job["rows"][:24]
+    input_path = _write_jsonl(tmp_path / "in.jsonl", rows)
+    output = tmp_path / "out"
+    command = [
+        sys.executable,
+        "-m",
+        "idefics_kit",
+        "batch",
+        "--ray",
+        "--ray-address",
+        ray_address,
+        "--actors",
+        "2",
+        "--cpus-per-actor",
+        "1",
+        "--rows-per-task",
+        "4",
+        "--quiet",
+        str(input_path),
+        "-o",
+        str(output),
+    ]
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    process = subprocess.Popen(
+        command, env=environment, stderr=subprocess.PIPE, text=True, cwd=ROOT
+    )
+    part = output / "part-00000.jsonl"
+    deadline = time.monotonic() + 150
+    while time.monotonic() < deadline and process.poll() is None:
+        if part.exists() and part.read_text().count("\n") >= 1:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, f"the job ended before it could be interrupted: {process.stderr}"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "interrupted;" in stderr
+    assert "rerun the same command to resume" in stderr
+    first = _part_rows(output)
+    assert 0 < len(first) < len(rows)
+
+    summary = run_batch(input_path, output, actors=1, num_cpus_per_actor=1)
+    assert summary.already_done == len(first)
+    got = _by_key(_part_rows(output))
+    assert set(got) == {row["id"] for row in rows}
+    for row in rows:
+        assert got[row["id"]] == job["local"][row["id"]]
+
+    again = run_batch(input_path, output, actors=1)  # nothing left: Ray is not even used
+    assert again.written == 0
+    assert again.already_done == len(rows)
+
+
+def test_parquet_in_and_out_with_images_in_a_binary_column(
+    ray_address: str, job: dict[str, Any], tmp_path: Path
+) -> None:
+    """Image bytes in a list<binary> column, filled into source-less image blocks in order."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = job["rows"][:6]
+    table_rows = []
+    for row in rows:
+        messages = json.loads(json.dumps(row["messages"]))
+        images = []
+        for block in messages[0]["content"]:
+            if block["type"] == "image":
+                if "path" in block:
+                    images.append(Path(block.pop("path")).read_bytes())
+                else:
+                    images.append(base64.b64decode(block.pop("base64").split(",", 1)[1]))
+        table_rows.append({"id": row["id"], "messages": json.dumps(messages), "images": images})
+    pq.write_table(pa.Table.from_pylist(table_rows), tmp_path / "in.parquet")
+
+    summary = run_batch(tmp_path / "in.parquet", tmp_path / "out.parquet", actors=1)
+    assert summary.written == len(rows)
+    table = pq.read_table(tmp_path / "out.parquet")
+    got = {row["id"]: row for row in table.to_pylist()}
+    for row in rows:
+        expected = {"line": None, **job["local"][row["id"]]}
+        assert got[row["id"]] == expected
+    assert table.schema.field("usage").type == ROW_SCHEMA.field("usage").type
