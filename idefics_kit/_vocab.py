@@ -29,7 +29,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Vocabulary", "vocabulary"]
+__all__ = ["Vocabulary", "logits_width", "vocabulary"]
 
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
@@ -64,6 +64,15 @@ class Vocabulary:
         """The token's own bytes (b"" for control tokens)."""
         piece = self.pieces[token_id] if 0 <= token_id < len(self.pieces) else None
         return piece or b""
+
+
+def logits_width(model: Any, tokenizer: Any) -> int:
+    """How many token ids the model's logits cover (at least the tokenizer's)."""
+    config = model.config.get_text_config()
+    size = int(getattr(config, "vocab_size", 0) or 0)
+    # IDEFICS 1 keeps its image tokens in a decoupled "additional" vocabulary.
+    size += int(getattr(config, "additional_vocab_size", 0) or 0)
+    return max(size, len(tokenizer))
 
 
 _CACHE: weakref.WeakKeyDictionary[Any, dict[int, Vocabulary]] = weakref.WeakKeyDictionary()

@@ -34,10 +34,12 @@ from transformers.generation.logits_process import (
 )
 from transformers.generation.streamers import BaseStreamer
 
+from idefics_kit import structured
+from idefics_kit._vocab import Vocabulary, logits_width, vocabulary
 from idefics_kit.errors import GenerationError
 from idefics_kit.families.base import FamilyAdapter
 from idefics_kit.options import GenerationOptions
-from idefics_kit.results import FinishReason, Result, Usage
+from idefics_kit.results import FinishReason, Result, TokenLogprob, Usage
 
 __all__ = ["Finished", "Row", "TextDecoder", "finish", "generate"]
 
@@ -200,6 +202,87 @@ class _RowSampler(LogitsProcessor):  # type: ignore[misc]
         return out
 
 
+class _Ban(LogitsProcessor):  # type: ignore[misc]
+    """Image and tile tokens are never generated (transformers' ``bad_words_ids`` for one-token words)."""
+
+    def __init__(self, banned: Sequence[int]) -> None:
+        self.banned = list(banned)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        scores[:, self.banned] = -float("inf")
+        return scores
+
+
+class _LogprobCapture(LogitsProcessor):  # type: ignore[misc]
+    """Keeps, per step, the log-softmax of the raw scores for the rows that asked.
+
+    It runs first, so the distribution is the model's own: before banned
+    tokens, grammar masks, repetition penalty, temperature, top-p and top-k.
+    Only the chosen token's value (gathered one step later, when it is known)
+    and the ``top_logprobs`` best are kept, not whole distributions.
+    """
+
+    def __init__(self, rows: Sequence[Row]) -> None:
+        self.indices = [i for i, row in enumerate(rows) if row.options.logprobs]
+        self.top = max((rows[i].options.top_logprobs for i in self.indices), default=0)
+        self.previous: torch.Tensor | None = None
+        self.chosen: list[torch.Tensor] = []
+        self.best: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if self.previous is not None:
+            self._gather(input_ids[self.indices, -1])
+        logprobs = torch.log_softmax(scores[self.indices].float(), dim=-1)
+        self.previous = logprobs
+        if self.top:
+            values, ids = logprobs.topk(min(self.top, logprobs.shape[-1]), dim=-1)
+            self.best.append((values.cpu(), ids.cpu()))
+        return scores
+
+    def _gather(self, tokens: torch.Tensor) -> None:
+        assert self.previous is not None
+        self.chosen.append(self.previous.gather(1, tokens[:, None])[:, 0].cpu())
+        self.previous = None
+
+    def rows(self, sequences: torch.Tensor, vocab: Vocabulary) -> dict[int, list[TokenLogprob]]:
+        """Per asking row: one TokenLogprob per generated step (trim to the kept ids)."""
+        if self.previous is not None:
+            self._gather(sequences[self.indices, -1])
+        if not self.indices or not self.chosen:
+            return {i: [] for i in self.indices}
+        chosen = torch.stack(self.chosen, dim=1).tolist()
+        generated = sequences[self.indices, sequences.shape[1] - len(self.chosen) :].tolist()
+        best = [(v.tolist(), i.tolist()) for v, i in self.best]
+        out: dict[int, list[TokenLogprob]] = {}
+        for position, index in enumerate(self.indices):
+            entries = []
+            for step, (token, logprob) in enumerate(
+                zip(generated[position], chosen[position], strict=True)
+            ):
+                top: tuple[TokenLogprob, ...] = ()
+                if self.top:
+                    values, ids = best[step]
+                    top = tuple(
+                        _token_logprob(vocab, alternative, value)
+                        for alternative, value in zip(ids[position], values[position], strict=True)
+                    )
+                entries.append(_token_logprob(vocab, token, logprob, top))
+            out[index] = entries
+        return out
+
+
+def _token_logprob(
+    vocab: Vocabulary, token: int, logprob: float, top: tuple[TokenLogprob, ...] = ()
+) -> TokenLogprob:
+    return TokenLogprob(
+        token_id=token,
+        text=vocab.text(token),
+        token_bytes=vocab.piece(token),
+        logprob=logprob,
+        top_logprobs=top,
+    )
+
+
 class _RowStreamer(BaseStreamer):  # type: ignore[misc]
     """Hands each streaming row its new token ids; skips the prompt and finished rows."""
 
@@ -227,9 +310,19 @@ class _RowStreamer(BaseStreamer):  # type: ignore[misc]
         pass
 
 
+@dataclass(slots=True)
+class _Extras:
+    """The per-row parts that issue 13 adds: log-probabilities and grammar constraints."""
+
+    stops: _RowStops
+    vocab: Vocabulary
+    capture: _LogprobCapture | None
+    constraints: list[structured.RowConstraint | None]
+
+
 def _generate_kwargs(
-    adapter: FamilyAdapter, rows: Sequence[Row], inputs: Any
-) -> tuple[dict[str, Any], _RowStops]:
+    adapter: FamilyAdapter, rows: Sequence[Row], inputs: Any, width: int = 0
+) -> tuple[dict[str, Any], _Extras]:
     # Every decoding setting is passed explicitly so that defaults saved in a
     # checkpoint's generation config (do_sample, temperature, top_k,
     # repetition_penalty ...) never change what the options say. Sampling is
@@ -244,27 +337,42 @@ def _generate_kwargs(
         "pad_token_id": adapter.pad_token_id,
         "repetition_penalty": 1.0,
     }
-    if adapter.banned_token_ids:
-        kwargs["bad_words_ids"] = [[token] for token in adapter.banned_token_ids]
+    vocab = vocabulary(adapter.tokenizer, width)
     processors: list[Any] = []
+    capture = None
+    if any(row.options.logprobs for row in rows):
+        # First: log-probabilities come from the raw scores.
+        capture = _LogprobCapture(rows)
+        processors.append(capture)
+    if adapter.banned_token_ids:
+        processors.append(_Ban(adapter.banned_token_ids))
+    constraints: list[structured.RowConstraint | None] = [None] * len(rows)
+    stops = _RowStops(adapter, rows, prompt_length)
+    if any(row.options.constrained for row in rows):
+        for index, row in enumerate(rows):
+            compiled = structured.compile_constraint(vocab, adapter.stop_token_ids, row.options)
+            if compiled is not None:
+                constraints[index] = structured.RowConstraint(compiled)
+        processors.append(
+            structured.ConstraintProcessor(constraints, prompt_length, stops.finished)
+        )
     if any(row.options.repetition_penalty != 1.0 for row in rows):
         padding = (prompt_length - inputs["attention_mask"].sum(dim=1)).tolist()
         processors.append(_RowRepetitionPenalty(rows, padding, device))
     if any(not row.options.greedy for row in rows):
         processors.append(_RowSampler(rows, device))
     kwargs["logits_processor"] = LogitsProcessorList(processors)
-    stops = _RowStops(adapter, rows, prompt_length)
     kwargs["stopping_criteria"] = StoppingCriteriaList([stops])
     if any(row.on_token is not None for row in rows):
         kwargs["streamer"] = _RowStreamer(rows, stops, set(adapter.stop_token_ids))
-    return kwargs, stops
+    return kwargs, _Extras(stops=stops, vocab=vocab, capture=capture, constraints=constraints)
 
 
 def generate(model: Any, adapter: FamilyAdapter, inputs: Any, rows: Sequence[Row]) -> list[Result]:
     """Run one micro-batch (already left-padded, on the model's device); a Result per row."""
     if len(rows) != int(inputs["input_ids"].shape[0]):
         raise ValueError(f"{len(rows)} rows for a batch of {inputs['input_ids'].shape[0]}")
-    kwargs, _ = _generate_kwargs(adapter, rows, inputs)
+    kwargs, extras = _generate_kwargs(adapter, rows, inputs, logits_width(model, adapter.tokenizer))
     prompt_length = int(inputs["input_ids"].shape[1])
     try:
         with torch.inference_mode():
@@ -274,10 +382,23 @@ def generate(model: Any, adapter: FamilyAdapter, inputs: Any, rows: Sequence[Row
     except Exception as exc:
         raise GenerationError(f"model.generate failed: {type(exc).__name__}: {exc}") from exc
     prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+    logprobs = extras.capture.rows(output, extras.vocab) if extras.capture is not None else {}
     results = []
     for index, (row, generated) in enumerate(
         zip(rows, output[:, prompt_length:].tolist(), strict=True)
     ):
+        constraint = extras.constraints[index]
+        if constraint is not None and constraint.dead_end:
+            results.append(
+                Result.failed(
+                    GenerationError(
+                        f"no token of this model's vocabulary can continue the {constraint.kind} "
+                        "constraint here (a vocabulary that cannot spell every character, "
+                        "like the toy model's words); the answer would not be valid"
+                    )
+                )
+            )
+            continue
         # Past its own limit a row holds only what other rows' steps padded in.
         done = finish(adapter, generated[: row.options.max_new_tokens], row.options.stop)
         results.append(
@@ -289,6 +410,9 @@ def generate(model: Any, adapter: FamilyAdapter, inputs: Any, rows: Sequence[Row
                     prompt_tokens=int(prompt_tokens[index]),
                     completion_tokens=len(done.token_ids),
                 ),
+                logprobs=tuple(logprobs[index][: len(done.token_ids)])
+                if row.options.logprobs
+                else None,
             )
         )
     return results

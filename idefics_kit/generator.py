@@ -12,19 +12,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import os
 import threading
 import time
 import weakref
 from collections import abc
-from collections.abc import Callable, Iterable, Sized
+from collections.abc import Callable, Iterable, Sequence, Sized
 from types import TracebackType
 from typing import Any, Literal, TypeVar
 
 import torch
+from transformers import BatchFeature
 
-from idefics_kit import runner
+from idefics_kit import runner, scoring, structured
+from idefics_kit._vocab import logits_width, vocabulary
 from idefics_kit.batching import plan
 from idefics_kit.conversation import Conversation
 from idefics_kit.devices import DeviceLike, DTypeLike, resolve_device, resolve_dtype
@@ -38,7 +41,7 @@ from idefics_kit.errors import (
 from idefics_kit.families import ADAPTERS, Family, FamilyAdapter, adapter_for
 from idefics_kit.options import GenerationOptions
 from idefics_kit.progress import ProgressBar
-from idefics_kit.results import Result
+from idefics_kit.results import ChoiceScore, Result
 from idefics_kit.runner import OnError, Prepared
 from idefics_kit.scheduler import Outcome, Request, Scheduler, SchedulerStats
 from idefics_kit.streams import AsyncTextStream, TextStream
@@ -352,7 +355,7 @@ class Generator:
         and frees the row. Safe to call from many threads at once: concurrent
         calls share micro-batches.
         """
-        resolved = _options(options, overrides)
+        resolved = self._resolve(options, overrides)
         deadline = _deadline(timeout)
         item = self._prepare(0, conversation, resolved, numbered=False)
         if item.error is not None:
@@ -445,7 +448,7 @@ class Generator:
         after the last piece, ``stream.result`` holds the full Result. Closing
         the stream early stops its row (other callers' rows go on).
         """
-        resolved = _options(options, overrides)
+        resolved = self._resolve(options, overrides)
         _deadline(timeout)
         item = self._prepare(0, conversation, resolved, numbered=False)
         if item.error is not None:
@@ -472,7 +475,7 @@ class Generator:
         model's worker. Cancelling the awaiting task frees its row at the
         next decoding step and affects no other request.
         """
-        resolved = _options(options, overrides)
+        resolved = self._resolve(options, overrides)
         _deadline(timeout)
 
         async def answer() -> Result:
@@ -504,7 +507,7 @@ class Generator:
         ``__anext__``. Cancelling the iterating task or ``await
         stream.aclose()`` frees the row.
         """
-        resolved = _options(options, overrides)
+        resolved = self._resolve(options, overrides)
         _deadline(timeout)
 
         async def submit(stream: AsyncTextStream) -> Request:
@@ -570,7 +573,7 @@ class Generator:
         on_error: OnError,
         timeout: float | None,
     ) -> tuple[GenerationOptions, int | None]:
-        resolved = _options(options, overrides)
+        resolved = self._resolve(options, overrides)
         if batch_size is not None:
             _check_batch_size("batch_size", batch_size)
         if on_error not in ("raise", "return"):
@@ -639,6 +642,82 @@ class Generator:
                     for _, request in pending.values():
                         request.cancel()
 
+    # -- scoring ----------------------------------------------------------------
+
+    def score(self, conversation: Conversation, choices: Sequence[str]) -> list[ChoiceScore]:
+        """How likely the model finds each candidate answer; one :class:`ChoiceScore` per choice.
+
+        Nothing is generated: the prompt (images included) runs through the
+        model once and every choice's tokens are scored on top of its KV
+        cache, many choices per forward pass. ``logprob`` is the sum of the
+        natural-log probabilities of the choice's tokens (the log-softmax of
+        the model's raw logits), exactly as a forward pass of prompt + choice
+        gives it. A choice is scored as the exact answer text (``"red"``, not
+        ``" red"``); one the vocabulary cannot write raises
+        :class:`~idefics_kit.InvalidParameterError` before any model work.
+        Pick with ``max(scores, key=lambda s: s.logprob)`` (or
+        ``mean_logprob`` to compare choices of different lengths).
+        """
+        return self.score_batch([conversation], choices)[0]
+
+    def score_batch(
+        self,
+        conversations: Iterable[Conversation],
+        choices: Sequence[str] | Sequence[Sequence[str]],
+        *,
+        on_error: OnError = "raise",
+    ) -> list[list[ChoiceScore]]:
+        """:meth:`score` for many conversations: one list of scores per conversation, in order.
+
+        ``choices`` is one list of strings for every conversation, or one list
+        per conversation. Every conversation and choice is checked before any
+        model work; with ``on_error="return"`` a conversation that fails gets
+        an empty list instead of raising.
+        """
+        items = list(conversations)
+        if on_error not in ("raise", "return"):
+            raise InvalidParameterError(
+                "on_error", f"on_error must be 'raise' or 'return', got {on_error!r}", on_error
+            )
+        per_item = _choices_per_conversation(choices, len(items))
+        for listed in dict.fromkeys(per_item):
+            for choice in listed:
+                scoring.choice_token_ids(self._adapter, choice)
+        longest = {
+            listed: max(len(scoring.choice_token_ids(self._adapter, c)) for c in listed)
+            for listed in dict.fromkeys(per_item)
+        }
+        prepared = []
+        for index, (conversation, listed) in enumerate(zip(items, per_item, strict=True)):
+            item = runner.prepare(
+                self._adapter,
+                index,
+                conversation,
+                numbered=len(items) > 1,
+                keep_images=self._cache is not None,
+                context=self._context,
+                max_new_tokens=longest[listed],
+            )
+            if item.error is not None and on_error == "raise":
+                raise item.error.at_index(index) if len(items) > 1 else item.error
+            prepared.append(item)
+        results: list[list[ChoiceScore]] = []
+        for item, listed in zip(prepared, per_item, strict=True):
+            if item.error is not None:
+                results.append([])
+                continue
+            results.append(self._scheduler.call(functools.partial(self._score, item, listed)))
+        return results
+
+    def _score(self, item: Prepared, choices: tuple[str, ...]) -> list[ChoiceScore]:
+        # On the worker thread, between micro-batches.
+        encoded: dict[str, Any] = dict(item.inputs or {})
+        if self._cache is not None and item.images:
+            work = runner.Runner(self.model, self._adapter, self._cache)
+            encoded = work.with_cached_features([item], encoded)
+        inputs = BatchFeature(encoded).to(self.device, dtype=self.dtype)
+        return scoring.score(self.model, self._adapter, inputs, choices)
+
     def prompt_token_ids(self, conversation: Conversation) -> tuple[int, ...]:
         """The token ids the model reads for ``conversation``, before the answer.
 
@@ -650,6 +729,18 @@ class Generator:
             raise item.error or ConversationError("conversation could not be encoded")
         ids: list[int] = item.inputs["input_ids"][0].tolist()
         return tuple(ids)
+
+    def _resolve(
+        self, options: GenerationOptions | None, overrides: dict[str, Any]
+    ) -> GenerationOptions:
+        """The options of a call, with a grammar constraint compiled (cached) before model work."""
+        resolved = _options(options, overrides)
+        if resolved.constrained:
+            vocab = vocabulary(
+                self._adapter.tokenizer, logits_width(self.model, self._adapter.tokenizer)
+            )
+            structured.compile_constraint(vocab, self._adapter.stop_token_ids, resolved)
+        return resolved
 
     def _prepare(
         self,
@@ -837,6 +928,23 @@ def _adapter_class(model_type: str, name: str) -> type[FamilyAdapter]:
             f"model types: {', '.join(ADAPTERS)}"
         )
     return adapter_cls
+
+
+def _choices_per_conversation(choices: object, count: int) -> list[tuple[str, ...]]:
+    if (
+        isinstance(choices, (list, tuple))
+        and choices
+        and all(isinstance(c, (list, tuple)) for c in choices)
+    ):
+        if len(choices) != count:
+            raise InvalidParameterError(
+                "choices",
+                f"choices must hold one list per conversation ({count}), got {len(choices)}",
+                choices,
+            )
+        return [scoring.check_choices(c) for c in choices]
+    shared = scoring.check_choices(choices)
+    return [shared] * count
 
 
 def _options(options: GenerationOptions | None, overrides: dict[str, Any]) -> GenerationOptions:

@@ -152,7 +152,7 @@ def _continuations(
             last = inputs[key][:, -1:]
             kwargs[key] = last.expand(count, width, *last.shape[2:])
     image_outputs = getattr(output, "image_outputs", None)
-    if image_outputs is not None and "pixel_values" in inputs:
+    if image_outputs is not None and image_outputs.last_hidden_state is not None:
         # Cross-attention models (IDEFICS 1) read the image features at every
         # step: hand back the encoder output of the prompt pass.
         features = image_outputs.last_hidden_state

@@ -300,6 +300,7 @@ class RowConstraint:
             else None
         )
         self._allowed = engine.json_allowed if compiled.kind == "json_schema" else engine.allowed
+        self.kind = compiled.kind
         self._steps = 0
         self._open = b""
         self.dead_end = False
@@ -363,9 +364,18 @@ class ConstraintProcessor:
     since the last call, then sets every token its grammar forbids to -inf.
     """
 
-    def __init__(self, rows: Sequence[RowConstraint | None], prompt_length: int) -> None:
+    def __init__(
+        self,
+        rows: Sequence[RowConstraint | None],
+        prompt_length: int,
+        finished: Sequence[bool] | None = None,
+    ) -> None:
         self.rows = list(rows)
         self.seen = prompt_length
+        # Rows another criterion ended (their own max_new_tokens, cancel) get
+        # only padding afterwards: the grammar must not see it.
+        self.finished = finished
+        self.ended = [False] * len(self.rows)
         self.indices = [i for i, row in enumerate(self.rows) if row is not None]
         sizes = {row._engine.vocab.size for row in self.rows if row is not None}
         self.size = max(sizes) if sizes else 0
@@ -379,9 +389,12 @@ class ConstraintProcessor:
             for index in self.indices:
                 row = self.rows[index]
                 assert row is not None
-                for token in added[index]:
-                    row.advance(token)
+                if not self.ended[index]:
+                    for token in added[index]:
+                        row.advance(token)
             self.seen = input_ids.shape[1]
+        if self.finished is not None:
+            self.ended = [a or bool(b) for a, b in zip(self.ended, self.finished, strict=True)]
         if self.bitmask is None:
             xgr = next(r for r in self.rows if r is not None)._engine.xgr
             self.bitmask = xgr.allocate_token_bitmask(len(self.rows), self.size)
