@@ -104,6 +104,7 @@ examples:
   {PROG} batch --model {_EXAMPLE_MODEL} questions.jsonl -o answers.jsonl
   {PROG} batch --model {_EXAMPLE_MODEL} questions.jsonl -o answers.jsonl \\
       --batch-size 16 --max-new-tokens 128 --stop $'\\n'
+  {PROG} batch --ray --actors 4 questions.jsonl -o answers/   # Ray cluster ([ray] extra)
 """
 
 _INFO_EPILOG = f"""\
@@ -259,7 +260,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.add_argument("input", type=Path, help="input JSONL file")
     batch.add_argument(
-        "-o", "--output", type=Path, required=True, help="output JSONL file (appended to)"
+        "-o",
+        "--output",
+        type=Path,
+        required=True,
+        help="output JSONL file (appended to); with --ray, a folder of part files",
     )
     batch.add_argument(
         "--batch-size",

@@ -34,7 +34,7 @@ ray_data = pytest.importorskip("ray.data")
 
 from idefics_kit import Conversation, ImagePart, UsageError  # noqa: E402
 from idefics_kit.cli import main as cli_main  # noqa: E402
-from idefics_kit.ray import ROW_SCHEMA, run_batch  # noqa: E402
+from idefics_kit.ray import ROW_SCHEMA, Predictor, run_batch  # noqa: E402
 from idefics_kit.toy.scenes import QUESTIONS, draw_count_scene, draw_scene  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -329,12 +329,49 @@ def test_parquet_in_and_out_with_images_in_a_binary_column(
                     images.append(base64.b64decode(block.pop("base64").split(",", 1)[1]))
         table_rows.append({"id": row["id"], "messages": json.dumps(messages), "images": images})
     pq.write_table(pa.Table.from_pylist(table_rows), tmp_path / "in.parquet")
+    # A first run wrote two rows (one Parquet part): the rerun must answer only the others.
+    output = tmp_path / "out.parquet"
+    output.mkdir()
+    first = [{"line": None, **job["local"][row["id"]]} for row in rows[:2]]
+    schema = pa.schema([ROW_SCHEMA.field("id"), ("line", pa.int64()), *list(ROW_SCHEMA)[1:]])
+    pq.write_table(pa.Table.from_pylist(first, schema), output / "part-00000-00000.parquet")
 
-    summary = run_batch(tmp_path / "in.parquet", tmp_path / "out.parquet", actors=1)
-    assert summary.written == len(rows)
-    table = pq.read_table(tmp_path / "out.parquet")
+    summary = run_batch(tmp_path / "in.parquet", output, actors=1, num_cpus_per_actor=1)
+    assert summary.already_done == 2
+    assert summary.written == len(rows) - 2
+    table = pq.read_table(output)
+    assert table.num_rows == len(rows)
     got = {row["id"]: row for row in table.to_pylist()}
     for row in rows:
-        expected = {"line": None, **job["local"][row["id"]]}
-        assert got[row["id"]] == expected
+        assert got[row["id"]] == {"line": None, **job["local"][row["id"]]}
     assert table.schema.field("usage").type == ROW_SCHEMA.field("usage").type
+
+
+def test_predictor_takes_every_batch_format_and_byte_blocks(job: dict[str, Any]) -> None:
+    """The actor class on its own, in this process: Arrow, pandas and NumPy batches."""
+    import numpy as np
+    import pyarrow as pa
+
+    predictor = Predictor("toy", device="cpu", num_threads=1)
+    row = job["rows"][0]  # an inline base64 image
+    block = row["messages"][0]["content"][0]
+    data = base64.b64decode(block["base64"].split(",", 1)[1])
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "image", "bytes": data}, *row["messages"][0]["content"][1:]],
+        }
+    ]
+    expected = job["local"][row["id"]]
+    arrow = predictor(pa.Table.from_pylist([{"id": row["id"], "messages": messages}]))
+    assert arrow.schema.equals(ROW_SCHEMA)
+    assert arrow.to_pylist() == [expected]
+    text = json.dumps(row["messages"])
+    assert predictor(pa.table({"id": [row["id"]], "messages": [text]})).to_pylist() == [expected]
+    frame = pa.table({"id": [row["id"], ""], "messages": [text, text]}).to_pandas()
+    out = predictor(frame).to_pylist()
+    assert out[0] == expected
+    assert out[1]["error"]["type"] == "RecordError"
+    numpy = {"id": np.array([row["id"]], dtype=object), "messages": np.array([text], dtype=object)}
+    assert predictor(numpy).to_pylist() == [expected]
+    assert predictor.threads == 1
