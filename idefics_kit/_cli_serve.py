@@ -73,13 +73,13 @@ def _count(text: str) -> int:
     return value
 
 
-def _seconds(text: str) -> float:
+def _non_negative(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
     return value
 
 
@@ -111,7 +111,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     )
     net.add_argument(
         "--drain-seconds",
-        type=_seconds,
+        type=_non_negative,
         default=_DEFAULT_DRAIN_SECONDS,
         metavar="S",
         help="on SIGTERM/Ctrl-C, let requests in flight finish for up to S seconds while new "
@@ -119,7 +119,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     )
     net.add_argument(
         "--request-timeout",
-        type=_seconds,
+        type=_non_negative,
         metavar="S",
         help="give up on a request (504) that has not finished S seconds after it arrived "
         "(default: no limit)",
@@ -163,7 +163,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     )
     engine.add_argument(
         "--max-wait-ms",
-        type=_seconds,
+        type=_non_negative,
         metavar="MS",
         help="how long a new request may wait for others to fill its batch",
     )

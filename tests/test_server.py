@@ -989,10 +989,13 @@ def test_sigterm_drains_then_exits_0(chatty_path: Path) -> None:
     try:
 
         def healthy() -> bool:
+            # Cheap polls: a busy loop of HTTP clients would slow the loading server down.
             assert process.poll() is None, process.communicate()
-            with contextlib.suppress(httpx.HTTPError):
-                return httpx.get(f"{url}/health", timeout=1).status_code == 200
-            return False
+            time.sleep(0.2)
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) != 0:
+                    return False
+            return httpx.get(f"{url}/health", timeout=5).status_code == 200
 
         wait_for(healthy, 120)
         chunks: list[str] = []
@@ -1024,3 +1027,24 @@ def test_sigterm_drains_then_exits_0(chatty_path: Path) -> None:
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+def test_in_process_with_httpx_asgi_transport(fake: FakeGenerator) -> None:
+    # No socket: an application can test (or mount) the app as a plain ASGI callable.
+    app = create_app(fake, served_model_name=MODEL, api_key="k")
+
+    async def main() -> tuple[httpx.Response, httpx.Response]:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            headers = {"Authorization": "Bearer k"}
+            body = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
+            plain = await client.post("/v1/chat/completions", json=body, headers=headers)
+            streamed = await client.post(
+                "/v1/chat/completions", json={**body, "stream": True}, headers=headers
+            )
+            return plain, streamed
+
+    plain, streamed = asyncio.run(main())
+    assert plain.json()["choices"][0]["message"]["content"] == "a red circle"
+    assert streamed.text.endswith("data: [DONE]\n\n")
+    assert app.in_flight == 0

@@ -27,12 +27,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from idefics_kit import errors as sdk_errors
 from idefics_kit.errors import (
     ConversationError,
+    GeneratorClosedError,
     IdeficsKitError,
     ImageLoadError,
     InvalidParameterError,
+    OverloadedError,
+    RequestTimeoutError,
     UsageError,
 )
 
@@ -117,14 +119,11 @@ def from_sdk_error(
     (``max_new_tokens`` -> ``max_completion_tokens``), so ``param`` names what
     the client sent.
     """
-    overloaded_error = getattr(sdk_errors, "OverloadedError", None)
-    timeout_error = getattr(sdk_errors, "RequestTimeoutError", None)
-    closed_error = getattr(sdk_errors, "GeneratorClosedError", None)
-    if overloaded_error is not None and isinstance(exc, overloaded_error):
+    if isinstance(exc, OverloadedError):
         return overloaded(str(exc))
-    if timeout_error is not None and isinstance(exc, timeout_error):
+    if isinstance(exc, RequestTimeoutError):
         return APIError(504, f"The request timed out: {exc}", type="server_error", code="timeout")
-    if closed_error is not None and isinstance(exc, closed_error):
+    if isinstance(exc, GeneratorClosedError):
         return shutting_down()
     if isinstance(exc, InvalidParameterError):
         param = (parameters or {}).get(exc.parameter, exc.parameter)
