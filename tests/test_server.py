@@ -867,6 +867,96 @@ def test_64_concurrent_clients_all_answered_right(toy: Generator, toy_url: str) 
     assert stats.batches - batches_before < clients * per_client / 2, (stats, elapsed)
 
 
+def test_toy_logprobs_plain_and_streamed(toy_url: str) -> None:
+    client = openai.OpenAI(base_url=f"{toy_url}/v1", api_key="unused", max_retries=0)
+    messages = image_message(CASES[0][0], "Describe this image.")
+    plain = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,  # type: ignore[arg-type]
+        logprobs=True,
+        top_logprobs=2,
+    )
+    logprobs = plain.choices[0].logprobs
+    assert logprobs is not None
+    assert logprobs.content is not None
+    tokens = logprobs.content
+    assert "".join(t.token for t in tokens).strip() == plain.choices[0].message.content
+    assert len(tokens) == plain.usage.completion_tokens  # type: ignore[union-attr]
+    for token in tokens:
+        assert token.logprob <= 0
+        assert bytes(token.bytes or []).decode() == token.token
+        assert len(token.top_logprobs) == 2
+        # Greedy: the chosen token is the most likely one.
+        assert token.top_logprobs[0].token == token.token
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,  # type: ignore[arg-type]
+            logprobs=True,
+            top_logprobs=2,
+            stream=True,
+        )
+    )
+    streamed = [
+        t
+        for c in chunks
+        if c.choices and c.choices[0].logprobs
+        for t in c.choices[0].logprobs.content or []
+    ]
+    assert [(t.token, t.logprob) for t in streamed] == [(t.token, t.logprob) for t in tokens]
+    plain_off = client.chat.completions.create(model=MODEL, messages=messages)  # type: ignore[arg-type]
+    assert plain_off.choices[0].logprobs is None
+    error = assert_openai_error(
+        httpx.post(
+            f"{toy_url}/v1/chat/completions",
+            json={"messages": messages, "top_logprobs": 2},
+        ),
+        400,
+    )
+    assert error["param"] == "top_logprobs"
+
+
+def test_toy_structured_outputs(toy_url: str) -> None:
+    client = openai.OpenAI(base_url=f"{toy_url}/v1", api_key="unused", max_retries=0)
+    url, question, _ = CASES[0]  # red circle, colour
+    messages = image_message(url, question)
+    # The right answer is not among the choices: the constraint still holds.
+    forced = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,  # type: ignore[arg-type]
+        extra_body={"structured_outputs": {"choice": ["blue", "green"]}},
+    )
+    assert forced.choices[0].message.content in ("blue", "green")
+    regex = client.chat.completions.create(
+        model=MODEL,
+        messages=messages,  # type: ignore[arg-type]
+        extra_body={"guided_regex": "(red|blue) circle"},
+        max_tokens=8,
+    )
+    assert regex.choices[0].message.content == "red circle"
+    # The toy vocabulary has no token that can start JSON: a clear 400 naming the field.
+    for response_format in (
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "object"}}},
+    ):
+        response = httpx.post(
+            f"{toy_url}/v1/chat/completions",
+            json={"messages": messages, "response_format": response_format},
+            timeout=60,
+        )
+        assert assert_openai_error(response, 400)["param"] == "response_format"
+    bad = httpx.post(
+        f"{toy_url}/v1/chat/completions",
+        json={"messages": messages, "response_format": {"type": "yaml"}},
+    )
+    assert assert_openai_error(bad, 400)["param"] == "response_format.type"
+    both = httpx.post(
+        f"{toy_url}/v1/chat/completions",
+        json={"messages": messages, "guided_regex": "x", "guided_choice": ["a"]},
+    )
+    assert assert_openai_error(both, 400)["param"] == "guided_choice"
+
+
 def test_toy_metrics_after_traffic(toy_url: str) -> None:
     httpx.post(
         f"{toy_url}/v1/chat/completions",

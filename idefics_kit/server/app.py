@@ -476,7 +476,12 @@ class ServerApp:
                         await _body(send, event(delta={"content": piece}))
             result: Result = stream.result
             self._finished(result, exchange)
-            await _body(send, event(delta={}, finish_reason=result.finish_reason))
+            # Log-probabilities, when asked for, come whole with the last chunk: pieces
+            # are text, not tokens, so the chunks cannot split them exactly.
+            logprobs = schemas.logprobs_body(result)
+            await _body(
+                send, event(delta={}, finish_reason=result.finish_reason, logprobs=logprobs)
+            )
             if include_usage:
                 await _body(send, event(usage=schemas.usage_body(result)))
         except Exception as exc:

@@ -17,15 +17,18 @@ What a request may hold:
   ``file://`` URLs and paths inside that folder.
 * ``model``, ``max_tokens`` / ``max_completion_tokens`` (the latter wins),
   ``temperature`` (0 to 2), ``top_p``, ``seed``, ``stop`` (a string or a list),
-  ``n`` (1 only), ``stream``, ``stream_options.include_usage``; the
-  extensions ``top_k`` and ``repetition_penalty`` (as vLLM takes them).
+  ``n`` (1 only), ``stream``, ``stream_options.include_usage``, ``logprobs``
+  and ``top_logprobs`` (up to 20), ``response_format`` (``text``,
+  ``json_object``, ``json_schema``); the extensions ``top_k``,
+  ``repetition_penalty`` and vLLM's ``structured_outputs`` (``json``,
+  ``regex``, ``choice``) with its older spellings ``guided_json``,
+  ``guided_regex`` and ``guided_choice``.
 * OpenAI fields the server cannot honour get a 400 naming them when they ask
-  for something (``n`` > 1, ``logprobs``, ``top_logprobs``, a
-  ``response_format`` other than text, ``tools``, ``tool_choice`` other than
-  ``none``, ``functions``, ``logit_bias``, non-zero ``presence_penalty`` /
-  ``frequency_penalty``, ``audio``, ``modalities`` other than text). Every other
-  field (``user``, ``metadata``, ``store``, ``service_tier``, unknown ones) is
-  ignored, as OpenAI-compatible servers do.
+  for something (``n`` > 1, ``tools``, ``tool_choice`` other than ``none``,
+  ``functions``, ``logit_bias``, non-zero ``presence_penalty`` /
+  ``frequency_penalty``, ``audio``, ``modalities`` other than text). Every
+  other field (``user``, ``metadata``, ``store``, ``service_tier``, unknown
+  ones) is ignored, as OpenAI-compatible servers do.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from idefics_kit.conversation import Conversation, TextPart, Turn
 from idefics_kit.errors import ConversationError, IdeficsKitError, ImageLoadError
 from idefics_kit.images import ImagePart
 from idefics_kit.options import GenerationOptions
-from idefics_kit.results import Result
+from idefics_kit.results import Result, TokenLogprob
 from idefics_kit.server.errors import APIError
 
 __all__ = [
@@ -51,6 +54,7 @@ __all__ = [
     "ImagePolicy",
     "chunk",
     "completion_body",
+    "logprobs_body",
     "models_body",
     "parse_chat_request",
     "usage_body",
@@ -59,7 +63,16 @@ __all__ = [
 _ROLES = ("system", "developer", "user", "assistant")
 _MAX_TEMPERATURE = 2.0
 # SDK option name -> request field, for error messages; max_new_tokens is per request.
-_OPTION_FIELDS = ("temperature", "top_p", "seed", "stop", "top_k", "repetition_penalty")
+_OPTION_FIELDS = (
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "top_k",
+    "repetition_penalty",
+    "logprobs",
+    "top_logprobs",
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -191,9 +204,6 @@ def _unsupported(body: Mapping[str, Any]) -> None:
     if n is not None and n != 1:
         raise _bad("n", f"n must be 1 (one choice per request), got {n}", "unsupported_value")
     requests = {
-        "logprobs": body.get("logprobs") not in (None, False),
-        "top_logprobs": body.get("top_logprobs") not in (None, 0),
-        "response_format": body.get("response_format") not in (None, {"type": "text"}),
         "tools": body.get("tools") not in (None, []),
         "functions": body.get("functions") not in (None, []),
         "tool_choice": body.get("tool_choice") not in (None, "none"),
@@ -345,6 +355,15 @@ def _options(body: Mapping[str, Any]) -> tuple[GenerationOptions, dict[str, str]
         integer = _integer(body, name)
         if integer is not None:
             given[name] = integer
+    logprobs = body.get("logprobs")
+    if logprobs is not None:
+        if not isinstance(logprobs, bool):
+            raise _bad("logprobs", f"logprobs must be true or false, got {logprobs!r}"[:300])
+        given["logprobs"] = logprobs
+    top_logprobs = _integer(body, "top_logprobs")
+    if top_logprobs is not None:
+        given["top_logprobs"] = top_logprobs
+    _constraint(body, given, parameters)
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
@@ -358,6 +377,54 @@ def _options(body: Mapping[str, Any]) -> tuple[GenerationOptions, dict[str, str]
         param = getattr(exc, "parameter", None)
         field_name = parameters.get(param, param) if isinstance(param, str) else None
         raise _bad(field_name or "body", str(exc)) from exc
+
+
+def _constraint(body: Mapping[str, Any], given: dict[str, Any], parameters: dict[str, str]) -> None:
+    """``response_format`` (OpenAI) and ``structured_outputs`` / ``guided_*`` (vLLM's names)."""
+    response_format = body.get("response_format")
+    if response_format is not None:
+        if not isinstance(response_format, Mapping):
+            raise _bad("response_format", "response_format must be an object like {'type': 'text'}")
+        kind = response_format.get("type")
+        if kind == "json_object":
+            given["json_schema"] = {"type": "object"}
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, Mapping) else None
+            if not isinstance(schema, Mapping):
+                raise _bad(
+                    "response_format.json_schema",
+                    "response_format {'type': 'json_schema'} needs json_schema.schema, a JSON "
+                    "Schema object",
+                )
+            given["json_schema"] = schema
+        elif kind != "text":
+            raise _bad(
+                "response_format.type",
+                f"response_format.type must be text, json_object or json_schema, got {kind!r}"[
+                    :300
+                ],
+            )
+        parameters["json_schema"] = "response_format"
+    outputs = body.get("structured_outputs")
+    if outputs is not None and not isinstance(outputs, Mapping):
+        raise _bad("structured_outputs", "structured_outputs must be an object")
+    sources = {
+        "json_schema": ("structured_outputs.json", "guided_json"),
+        "regex": ("structured_outputs.regex", "guided_regex"),
+        "choice": ("structured_outputs.choice", "guided_choice"),
+    }
+    for option, names in sources.items():
+        for name in names:
+            value = (outputs or {}).get(name.split(".", 1)[1]) if "." in name else body.get(name)
+            if value is None:
+                continue
+            if option in given:
+                raise _bad(name, f"{name} conflicts with {parameters.get(option, option)}")
+            given[option] = (
+                tuple(value) if option == "choice" and isinstance(value, list) else value
+            )
+            parameters[option] = name
 
 
 def parse_chat_request(body: object, policy: ImagePolicy, *, max_images: int) -> ChatRequest:
@@ -404,6 +471,24 @@ def usage_body(result: Result) -> dict[str, int]:
     }
 
 
+def logprobs_body(result: Result) -> dict[str, Any] | None:
+    """OpenAI's ``choices[0].logprobs`` from a Result (None unless logprobs were asked for)."""
+    if result.logprobs is None:
+        return None
+    return {"content": [_token(entry, top=True) for entry in result.logprobs], "refusal": None}
+
+
+def _token(entry: TokenLogprob, *, top: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "token": entry.text,
+        "logprob": entry.logprob,
+        "bytes": list(entry.token_bytes),
+    }
+    if top:
+        body["top_logprobs"] = [_token(other, top=False) for other in entry.top_logprobs]
+    return body
+
+
 def completion_body(request_id: str, created: int, model: str, result: Result) -> dict[str, Any]:
     """A ``chat.completion`` object with one choice."""
     return {
@@ -415,7 +500,7 @@ def completion_body(request_id: str, created: int, model: str, result: Result) -
             {
                 "index": 0,
                 "message": {"role": "assistant", "content": result.text, "refusal": None},
-                "logprobs": None,
+                "logprobs": logprobs_body(result),
                 "finish_reason": result.finish_reason,
             }
         ],
@@ -431,6 +516,7 @@ def chunk(
     *,
     delta: Mapping[str, str] | None = None,
     finish_reason: str | None = None,
+    logprobs: Mapping[str, Any] | None = None,
     usage: Mapping[str, int] | None = None,
     include_usage: bool = False,
 ) -> dict[str, Any]:
@@ -443,7 +529,14 @@ def chunk(
         "system_fingerprint": None,
         "choices": []
         if delta is None
-        else [{"index": 0, "delta": dict(delta), "logprobs": None, "finish_reason": finish_reason}],
+        else [
+            {
+                "index": 0,
+                "delta": dict(delta),
+                "logprobs": None if logprobs is None else dict(logprobs),
+                "finish_reason": finish_reason,
+            }
+        ],
     }
     if include_usage:
         # OpenAI sends "usage": null on every chunk but the last when usage is asked for.
