@@ -417,23 +417,21 @@ def _table_inputs(
         if len(pending) == len(ids):
             return dataset
         return dataset.map_batches(
-            _KeepPending, fn_args=(sorted(pending),), batch_format="pyarrow", batch_size=None
+            _keep_pending,
+            fn_kwargs={"pending": pa.array(sorted(pending), type=pa.string())},
+            batch_format="pyarrow",
+            batch_size=None,
         )
 
     inputs.build = build if pending else None
     return inputs
 
 
-class _KeepPending:
-    """Drops the rows whose id already has an output row (runs in the read tasks)."""
+def _keep_pending(batch: pa.Table, pending: pa.Array) -> pa.Table:
+    """Drop the rows whose id already has an output row (fused into the read tasks)."""
+    import pyarrow.compute as pc
 
-    def __init__(self, pending: list[str]) -> None:
-        self.pending = pa.array(pending, type=pa.string())
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        import pyarrow.compute as pc
-
-        return batch.filter(pc.is_in(batch.column("id").cast(pa.string()), self.pending))
+    return batch.filter(pc.is_in(batch.column("id").cast(pa.string()), value_set=pending))
 
 
 def _parquet_inputs(paths: list[Path], done: Done) -> _Inputs:
@@ -710,8 +708,13 @@ def run_batch(
             job = _jsonl_inputs(paths[0], done, per_task)
         else:
             job = _parquet_inputs(paths, done)
-    else:
+    elif callable(getattr(inputs, "select_columns", None)):
         job = _dataset_inputs(inputs, done)
+    else:
+        raise UsageError(
+            "inputs must be a path, a list of paths or a ray.data.Dataset, got "
+            f"{type(inputs).__name__}"
+        )
     if done.truncated:
         note(f"removed a partial last line from a part file in {folder} (an interrupted write)")
     pending = len(job.pending_ids) + len(job.driver_rows)

@@ -1,8 +1,9 @@
 """idefics_kit.ray on a local Ray cluster that this module starts once per test run.
 
-The cluster over-declares its CPUs (8 on whatever the machine has) and each
-model actor asks for 1, so two actors, Ray Data's read tasks and a CLI
-driver in a subprocess never wait on each other; the object store is capped
+The cluster over-declares its CPUs (4, on a 2-core machine) and each model
+actor asks for 1, so two actors, Ray Data's read tasks and the actors of a
+CLI driver in a subprocess never wait on each other (Ray also starts one idle
+worker process per declared CPU, so declaring more costs start-up time); the object store is capped
 at 200 MB; usage stats, the dashboard, progress bars and worker logs on the
 driver are off. The toy model answers: the rows must be exactly the rows the
 local ``idefics-kit batch`` command writes for the same file.
@@ -49,7 +50,7 @@ def ray_address() -> Iterator[str]:
         yield str(ray.get_runtime_context().gcs_address)
         return
     ray.init(
-        num_cpus=8,
+        num_cpus=4,
         object_store_memory=200 * 1024**2,
         include_dashboard=False,
         log_to_driver=False,
