@@ -261,6 +261,13 @@ def run_serve(
             timeout_graceful_shutdown=2,
             server_header=False,
         )
+        if not api_key and args.host not in ("127.0.0.1", "localhost", "::1"):
+            logging.getLogger("idefics_kit.server").warning(
+                "listening on %s without an API key: anyone who can reach the port can use the "
+                "model; set %s",
+                args.host,
+                API_KEY_ENV,
+            )
         server = _draining_server(config, app, args.drain_seconds)
         server.run()
         if not server.started:

@@ -1138,3 +1138,24 @@ def test_in_process_with_httpx_asgi_transport(fake: FakeGenerator) -> None:
     assert plain.json()["choices"][0]["message"]["content"] == "a red circle"
     assert streamed.text.endswith("data: [DONE]\n\n")
     assert app.in_flight == 0
+
+
+def test_serve_flags_are_checked_before_loading(capsys: pytest.CaptureFixture[str]) -> None:
+    from idefics_kit.cli import main
+
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "--port: must be a port number 0-65535" in capsys.readouterr().err
+    assert main(["serve", "--max-request-bytes", "0"]) == 2
+    assert main(["serve", "--drain-seconds", "-1"]) == 2
+    assert main(["serve", "--allowed-local-media-path", "/no/such/folder"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert main(["serve", "--help"]) == 0
+    text = capsys.readouterr().out
+    for flag in (
+        "--served-model-name",
+        "--api-key",
+        "--max-queued",
+        "--access-log",
+        "--drain-seconds",
+    ):
+        assert flag in text

@@ -207,7 +207,7 @@ class ServerApp:
         """Wait until no request is in flight; False if ``timeout`` passed first."""
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
             return False
         return True
 

@@ -114,7 +114,12 @@ class Metrics:
                     f"{_PREFIX}_http_requests_total"
                     f"{_labels(method=method, route=route, status=status)} {count}"
                 )
-            _family(lines, "http_requests_in_flight", "gauge", "Chat completions being answered.")
+            _family(
+                lines,
+                "http_requests_in_flight",
+                "gauge",
+                "Requests being answered (not counting /health and /metrics).",
+            )
             lines.append(f"{_PREFIX}_http_requests_in_flight {self.in_flight}")
             _family(
                 lines,

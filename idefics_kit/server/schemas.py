@@ -107,7 +107,8 @@ class ImagePolicy:
 
     def _local_path(self, url: str, where: str) -> str:
         scheme = urllib.parse.urlsplit(url).scheme.lower() if ":" in url else ""
-        if scheme not in ("", "file") and not (len(scheme) == 1 and os.name == "nt"):
+        # A one-letter "scheme" is a Windows drive letter: a path.
+        if scheme not in ("", "file") and len(scheme) != 1:
             raise APIError(
                 400,
                 f"{where}: unsupported image URL scheme {scheme!r}; use a data:image/...;base64 "
