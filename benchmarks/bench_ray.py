@@ -10,10 +10,11 @@ user types, in a fresh process, one after the other in the same run:
 
 The Ray sides start their own local Ray instance (no ``--ray-address``), so
 their wall time includes starting Ray, the actors' processes and one model
-load per actor. Start-up cost is measured as the wall time of the same
-command on a one-row input; rows/s is given end to end (500 / wall time) and
-after start-up ((500 - 1) / (wall time - start-up)). The output rows of every
-side are checked equal. ``uptime``'s load average is recorded before and
+load per actor. Start-up cost is the wall time of the same command on a
+one-row input. Rows/s is given end to end (rows / wall time) and steady
+(rows written between the first and the last write / time between them; rows
+are written a window or a Ray task at a time). The output rows of every side
+are checked equal. ``uptime``'s load average is recorded before and
 after each run: on a shared machine, read the numbers with it.
 
     .venv/bin/python benchmarks/bench_ray.py [--rows N] [--quick]
@@ -72,28 +73,45 @@ def load() -> list[float]:
 
 
 def run(side: str, input_path: Path, output: Path) -> dict[str, Any]:
-    """Run one side; wall time, time to the first written row, load before and after."""
+    """Run one side: wall time, when the first and the last rows were written, load."""
     command = [sys.executable, "-m", "idefics_kit", "batch", "--quiet", *SIDES[side]]
     command += [str(input_path), "-o", str(output)]
     environment = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": "2"}
     before = load()
     started = time.monotonic()
     process = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, text=True)
-    first: float | None = None
+    first: tuple[float, int] | None = None
+    last: tuple[float, int] = (0.0, 0)
     while process.poll() is None:
-        if first is None and _rows(output):
-            first = time.monotonic() - started
-        time.sleep(0.05)
+        count = _count(output)
+        if count and first is None:
+            first = (time.monotonic() - started, count)
+        if count > last[1]:
+            last = (time.monotonic() - started, count)
+        time.sleep(0.1)
     wall = time.monotonic() - started
     stderr = process.stderr.read() if process.stderr else ""
     if process.returncode != 0:
         raise SystemExit(f"{side} failed ({process.returncode}): {stderr}")
+    count = _count(output)
+    if count > last[1]:
+        last = (wall, count)
+    first = first or last
+    steady = (last[1] - first[1]) / (last[0] - first[0]) if last[0] > first[0] else None
     return {
         "wall_s": round(wall, 2),
-        "first_row_s": None if first is None else round(first, 2),
+        "first_rows_s": round(first[0], 2),
+        "first_rows": first[1],
+        "last_row_s": round(last[0], 2),
+        "rows_per_s_between_first_and_last": None if steady is None else round(steady, 2),
         "load_before": before,
         "load_after": load(),
     }
+
+
+def _count(output: Path) -> int:
+    files = sorted(output.glob("part-*.jsonl")) if output.is_dir() else [output]
+    return sum(file.read_bytes().count(b"\n") for file in files if file.exists())
 
 
 def _rows(output: Path) -> list[dict[str, Any]]:
@@ -125,13 +143,11 @@ def main() -> None:
             if reference is None:
                 reference = rows
             assert rows == reference, f"{side}: rows differ from the local command's"
-            wall, start = timed["wall_s"], startup["wall_s"]
             results["sides"][side] = {
                 **timed,
-                "startup_s": start,
+                "startup_s": startup["wall_s"],
                 "startup_load_before": startup["load_before"],
-                "rows_per_s": round(count / wall, 2),
-                "rows_per_s_after_startup": round((count - 1) / max(wall - start, 1e-9), 2),
+                "rows_per_s": round(count / timed["wall_s"], 2),
             }
             print(f"{side}: {results['sides'][side]}", flush=True)
             for leftover in folder.glob("*-" + side + "*"):
@@ -140,14 +156,15 @@ def main() -> None:
     print()
     print(
         _common.table(
-            ["side", "wall s", "start-up s", "rows/s", "rows/s after start-up", "load before"],
+            ["side", "1-row job s", "first rows at s", "wall s", "rows/s", "rows/s steady", "load"],
             [
                 (
                     side,
-                    f"{r['wall_s']:.1f}",
                     f"{r['startup_s']:.1f}",
+                    f"{r['first_rows_s']:.1f} ({r['first_rows']})",
+                    f"{r['wall_s']:.1f}",
                     f"{r['rows_per_s']:.2f}",
-                    f"{r['rows_per_s_after_startup']:.2f}",
+                    f"{r['rows_per_s_between_first_and_last'] or 0:.2f}",
                     " ".join(str(x) for x in r["load_before"]),
                 )
                 for side, r in results["sides"].items()
