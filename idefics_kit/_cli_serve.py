@@ -34,6 +34,7 @@ _DEFAULT_DRAIN_SECONDS = 30.0
 _DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 _DEFAULT_MAX_IMAGES = 8
 _DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+_DEFAULT_MAX_CONCURRENT_REQUESTS = 256
 
 SERVE_EPILOG = f"""\
 The API is OpenAI's chat completions: POST /v1/chat/completions (images as
@@ -154,6 +155,15 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         help="refuse larger request bodies (413) before reading them whole (default: "
         f"{_DEFAULT_MAX_REQUEST_BYTES})",
     )
+    limits.add_argument(
+        "--max-concurrent-requests",
+        type=_positive_int,
+        default=_DEFAULT_MAX_CONCURRENT_REQUESTS,
+        metavar="N",
+        help="chat completions held at once (read, decoded, queued or generating); more get "
+        f"503 with Retry-After before their body is read (default: "
+        f"{_DEFAULT_MAX_CONCURRENT_REQUESTS})",
+    )
     engine = parser.add_argument_group("engine (defaults: Generator.from_pretrained)")
     engine.add_argument(
         "--max-batch-size",
@@ -248,6 +258,7 @@ def run_serve(
             max_images_per_request=args.max_images_per_request,
             max_image_pixels=args.max_image_pixels,
             max_request_bytes=args.max_request_bytes,
+            max_concurrent_requests=args.max_concurrent_requests,
             request_timeout=args.request_timeout,
         )
         config = uvicorn.Config(

@@ -1159,3 +1159,19 @@ def test_serve_flags_are_checked_before_loading(capsys: pytest.CaptureFixture[st
         "--drain-seconds",
     ):
         assert flag in text
+
+
+def test_concurrent_request_bound_503_before_reading() -> None:
+    slow = FakeGenerator(pieces=("a",) * 20, delay=0.05)
+    app = create_app(slow, served_model_name=MODEL, max_concurrent_requests=1)  # type: ignore[arg-type]
+    with serving(app) as url:
+        body = {"messages": [{"role": "user", "content": "x"}]}
+        first = threading.Thread(target=chat, args=(url, body))
+        first.start()
+        wait_for(lambda: app.in_flight == 1)
+        response = chat(url, body)
+        error = assert_openai_error(response, 503, "overloaded")
+        assert "1 requests are being answered" in error["message"]
+        assert response.headers["retry-after"] == "1"
+        first.join(10)
+        assert chat(url, body).status_code == 200

@@ -20,6 +20,7 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from idefics_kit.server.app import (
+    DEFAULT_MAX_CONCURRENT_REQUESTS,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_IMAGES,
     DEFAULT_MAX_REQUEST_BYTES,
@@ -31,6 +32,7 @@ from idefics_kit.server.metrics import Metrics
 from idefics_kit.server.schemas import ImagePolicy
 
 __all__ = [
+    "DEFAULT_MAX_CONCURRENT_REQUESTS",
     "DEFAULT_MAX_IMAGES",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DEFAULT_MAX_REQUEST_BYTES",

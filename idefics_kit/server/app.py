@@ -47,7 +47,13 @@ from idefics_kit.errors import IdeficsKitError, ImageLoadError
 from idefics_kit.images import ImagePart
 from idefics_kit.results import Result
 from idefics_kit.server import schemas
-from idefics_kit.server.errors import APIError, from_sdk_error, internal_error, shutting_down
+from idefics_kit.server.errors import (
+    APIError,
+    from_sdk_error,
+    internal_error,
+    overloaded,
+    shutting_down,
+)
 from idefics_kit.server.metrics import CONTENT_TYPE, Metrics
 from idefics_kit.server.schemas import ChatRequest, ImagePolicy
 
@@ -55,6 +61,7 @@ if TYPE_CHECKING:
     from idefics_kit.generator import Generator
 
 __all__ = [
+    "DEFAULT_MAX_CONCURRENT_REQUESTS",
     "DEFAULT_MAX_IMAGES",
     "DEFAULT_MAX_IMAGE_PIXELS",
     "DEFAULT_MAX_REQUEST_BYTES",
@@ -68,6 +75,8 @@ DEFAULT_MAX_IMAGES = 8
 """Most images in one request."""
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 """Largest ``width * height`` of one image, checked from the header before decoding."""
+DEFAULT_MAX_CONCURRENT_REQUESTS = 256
+"""Most chat completions held at once (read, decoded, queued or generating); more get 503."""
 
 CHAT_PATH = "/v1/chat/completions"
 _ROUTES = frozenset({CHAT_PATH, "/v1/models", "/health", "/metrics"})
@@ -105,6 +114,7 @@ def create_app(
     max_images_per_request: int = DEFAULT_MAX_IMAGES,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
     request_timeout: float | None = None,
 ) -> ServerApp:
     """The OpenAI-compatible ASGI app for ``generator``.
@@ -118,12 +128,20 @@ def create_app(
     ``allowed_local_media_path``. ``request_timeout`` (seconds) bounds each
     request's wait for the engine plus its generation.
 
+    Memory is bounded by the limits together: at most
+    ``max_concurrent_requests`` chat completions are held at once (a request
+    beyond that gets 503 before its body is read), each with a body of at most
+    ``max_request_bytes`` and at most ``max_images_per_request`` decoded
+    images of at most ``max_image_pixels`` RGB pixels.
+
     The app does not own ``generator``: closing it is the caller's job.
     """
-    if max_images_per_request < 0 or max_request_bytes < 1 or max_image_pixels < 1:
+    if max_images_per_request < 0 or min(max_request_bytes, max_image_pixels) < 1:
         raise ValueError(
             "max_images_per_request must be >= 0, max_request_bytes and max_image_pixels >= 1"
         )
+    if max_concurrent_requests < 1:
+        raise ValueError("max_concurrent_requests must be >= 1")
     if not served_model_name:
         raise ValueError("served_model_name must not be empty")
     policy = ImagePolicy(
@@ -138,6 +156,7 @@ def create_app(
         policy=policy,
         max_images=max_images_per_request,
         max_request_bytes=max_request_bytes,
+        max_concurrent=max_concurrent_requests,
         request_timeout=request_timeout,
     )
 
@@ -159,6 +178,7 @@ class ServerApp:
         policy: ImagePolicy,
         max_images: int,
         max_request_bytes: int,
+        max_concurrent: int,
         request_timeout: float | None,
     ) -> None:
         self.generator = generator
@@ -168,6 +188,8 @@ class ServerApp:
         self._policy = policy
         self._max_images = max_images
         self._max_request_bytes = max_request_bytes
+        self._max_concurrent = max_concurrent
+        self._chats = 0
         self._timeout = request_timeout
         self._created = schemas.now()
         self._draining = False
@@ -326,6 +348,17 @@ class ServerApp:
 
     async def answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Read, check and answer one chat-completion request (called by :class:`_Completion`)."""
+        if self._chats >= self._max_concurrent:
+            error = overloaded(f"{self._chats} requests are being answered (the most it holds)")
+            await _send_error(send, error)
+            return
+        self._chats += 1
+        try:
+            await self._answer(scope, receive, send)
+        finally:
+            self._chats -= 1
+
+    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
         exchange: _Exchange = scope["idefics_kit.exchange"]
         try:
             chat = self._parse(await self._read_body(scope, receive))

@@ -16,7 +16,7 @@ status type                       when
 405    ``invalid_request_error``  wrong HTTP method
 413    ``invalid_request_error``  body over ``max_request_bytes`` (code ``request_too_large``)
 500    ``server_error``           the model or the server failed (logged with the traceback)
-503    ``server_error``           engine queue full (``overloaded``) or draining
+503    ``server_error``           engine queue or server full (``overloaded``) or draining
                                   (``shutting_down``), with ``Retry-After``
 504    ``server_error``           the request ran past the server's request timeout
 ====== ========================== ==========================================================
@@ -38,7 +38,14 @@ from idefics_kit.errors import (
     UsageError,
 )
 
-__all__ = ["APIError", "error_body", "from_sdk_error", "internal_error"]
+__all__ = [
+    "APIError",
+    "error_body",
+    "from_sdk_error",
+    "internal_error",
+    "overloaded",
+    "shutting_down",
+]
 
 RETRY_AFTER_SECONDS = 1
 """``Retry-After`` sent with 503 when the engine queue is full."""
