@@ -1175,3 +1175,13 @@ def test_concurrent_request_bound_503_before_reading() -> None:
         assert response.headers["retry-after"] == "1"
         first.join(10)
         assert chat(url, body).status_code == 200
+
+
+def test_disconnect_before_the_first_piece_closes_the_stream() -> None:
+    slow = FakeGenerator(pieces=("late",), delay=5.0)
+    app = create_app(slow, served_model_name=MODEL)  # type: ignore[arg-type]
+    with serving(app) as url:
+        body = {"messages": [{"role": "user", "content": "x"}], "stream": True}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.5)
+        wait_for(lambda: slow.closed_streams == 1 and app.in_flight == 0)

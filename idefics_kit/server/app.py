@@ -487,6 +487,9 @@ class ServerApp:
             await _close(stream)
             await _send_error(send, self._error(exc, chat, exchange))
             return
+        except BaseException:  # cancelled: the client went away
+            await _close(stream)
+            raise
         self.metrics.first_token(time.monotonic() - started)
         try:
             await send(
