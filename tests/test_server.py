@@ -1090,7 +1090,7 @@ def test_sigterm_drains_then_exits_0(chatty_path: Path) -> None:
         wait_for(healthy, 120)
         chunks: list[str] = []
         with httpx.stream(
-            "POST", f"{url}/v1/chat/completions", json=long_request(400, stream=True), timeout=60
+            "POST", f"{url}/v1/chat/completions", json=long_request(800, stream=True), timeout=60
         ) as response:
             lines = (line for line in response.iter_lines() if line)
             chunks.append(next(lines))
@@ -1111,7 +1111,7 @@ def test_sigterm_drains_then_exits_0(chatty_path: Path) -> None:
         assert time.monotonic() - stopped < 30, err
         assert "draining" in err
         # The access log: one line per request, with its tokens.
-        assert re.search(r'"POST /v1/chat/completions" 200 tokens=\d+\+400 ', out), out
+        assert re.search(r'"POST /v1/chat/completions" 200 tokens=\d+\+800 ', out), out
         assert re.search(r'"POST /v1/chat/completions" 503 tokens=- ', out), out
     finally:
         if process.poll() is None:
