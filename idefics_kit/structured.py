@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from idefics_kit._vocab import Vocabulary
@@ -123,20 +124,22 @@ class _Engine:
         self.partial_bytes = any(p and not _is_utf8(p) for p in pieces)
         fresh = torch.tensor([_continues(b"", p) for p in pieces]) if self.partial_bytes else text
         fresh[list(self.stop_ids)] = True
-        self.allowed = _pack(text & fresh)
-        self.json_allowed = _pack(plain & fresh)
+        self.allowed = _pack(text & fresh).numpy()
+        self.json_allowed = _pack(plain & fresh).numpy()
         self._pieces = pieces
-        self._after: dict[bytes, torch.Tensor] = {}
-        self.stop_only = _pack(torch.isin(torch.arange(vocab.size), torch.tensor(self.stop_ids)))
+        self._after: dict[bytes, np.ndarray[Any, Any]] = {}
+        self.stop_only = _pack(
+            torch.isin(torch.arange(vocab.size), torch.tensor(self.stop_ids))
+        ).numpy()
         self.cache: OrderedDict[tuple[str, str], CompiledConstraint] = OrderedDict()
         self.lock = threading.Lock()
 
-    def after(self, pending: bytes) -> torch.Tensor:
+    def after(self, pending: bytes) -> np.ndarray[Any, Any]:
         """Tokens that continue the incomplete UTF-8 character ``pending`` validly (packed)."""
         with self.lock:
             found = self._after.get(pending)
         if found is None:
-            found = _pack(torch.tensor([_continues(pending, p) for p in self._pieces]))
+            found = _pack(torch.tensor([_continues(pending, p) for p in self._pieces])).numpy()
             with self.lock:
                 self._after[pending] = found
         return found
@@ -301,6 +304,7 @@ class RowConstraint:
         )
         self._allowed = engine.json_allowed if compiled.kind == "json_schema" else engine.allowed
         self.kind = compiled.kind
+        self._terminated = False
         self._steps = 0
         self._open = b""
         self.dead_end = False
@@ -309,7 +313,7 @@ class RowConstraint:
     @property
     def is_finished(self) -> bool:
         """True once the grammar is complete and a stop token was accepted (or a dead end)."""
-        return self.dead_end or bool(self._matcher.is_terminated())
+        return self.dead_end or self._terminated
 
     @property
     def is_complete(self) -> bool:
@@ -319,16 +323,19 @@ class RowConstraint:
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write this row's allowed next tokens into ``bitmask[row]`` (xgrammar layout)."""
         engine = self._engine
+        words = bitmask.numpy()[row]  # a view: CPU, int32
         if self.is_finished:
-            bitmask[row] = engine.stop_only
+            words[:] = engine.stop_only
             return
         matcher = self._first if self._steps == 0 and self._first is not None else self._matcher
         matcher.fill_next_token_bitmask(bitmask, row)
-        bitmask[row] &= self._allowed if not self._open else engine.after(self._open)
-        if not bool(bitmask[row].any()):
+        np.bitwise_and(
+            words, self._allowed if not self._open else engine.after(self._open), out=words
+        )
+        if not words.any():
             # The vocabulary cannot spell any continuation: end the row.
             self.dead_end = True
-            bitmask[row] = engine.stop_only
+            words[:] = engine.stop_only
 
     def allowed_mask(self) -> torch.Tensor:
         """A bool tensor over the vocabulary: the tokens allowed next."""
@@ -348,6 +355,8 @@ class RowConstraint:
             accepted = bool(self._matcher.accept_string(piece))
         else:
             accepted = bool(self._matcher.accept_token(token_id))
+            if token_id in engine.stop_ids:
+                self._terminated = bool(self._matcher.is_terminated())
         self._steps += 1
         if engine.partial_bytes and token_id not in engine.stop_ids:
             self._open = _pending(self._open, engine.vocab.pieces[token_id] or b"")
@@ -402,12 +411,16 @@ class ConstraintProcessor:
             row = self.rows[index]
             assert row is not None
             row.fill_bitmask(self.bitmask, index)
+        # Unpack the bits (xgrammar's layout: token j is bit j % 32 of word
+        # j // 32, little-endian) and mask every constrained row in one op.
+        words = self.bitmask.numpy()
+        bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little")
+        allowed = torch.from_numpy(bits[:, : min(scores.shape[-1], self.size)]).bool()
+        if len(self.indices) < len(self.rows):
+            allowed[[i for i, row in enumerate(self.rows) if row is None]] = True
         width = scores.shape[-1]
         if width > self.size:  # ids past the vocabulary are never allowed
             scores[self.indices, self.size :] = -float("inf")
-        bitmask = self.bitmask.to(scores.device, non_blocking=True)
-        xgr = next(r for r in self.rows if r is not None)._engine.xgr
-        xgr.apply_token_bitmask_inplace(
-            scores, bitmask, vocab_size=min(width, self.size), indices=self.indices
-        )
+        allowed = allowed.to(scores.device, non_blocking=True)
+        scores[:, : allowed.shape[1]].masked_fill_(~allowed, -float("inf"))
         return scores

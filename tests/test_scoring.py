@@ -111,3 +111,31 @@ def test_choice_score_is_a_frozen_value() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         value.logprob = 0.0  # type: ignore[misc]
     assert value == ChoiceScore(choice="red", logprob=-1.0, mean_logprob=-0.5, num_tokens=2)
+
+
+def test_generator_score_runs_on_the_worker_and_matches(gen: Generator) -> None:
+    conversation = CASES["two_images"]
+    direct = score(gen.model, gen._adapter, encode(gen, conversation), CHOICES)
+    for _ in range(2):  # the second call takes the image features from the vision cache
+        via_generator = gen.score(conversation, CHOICES)
+        assert [s.logprob for s in via_generator] == pytest.approx(
+            [s.logprob for s in direct], abs=1e-4
+        )
+    batch = gen.score_batch(
+        [CASES["one_image"], CASES["text_only"]], [["red", "no"], ["a blue circle"]]
+    )
+    assert [[s.choice for s in scores] for scores in batch] == [["red", "no"], ["a blue circle"]]
+    shared = gen.score_batch([CASES["one_image"], CASES["text_only"]], ["red", "no"])
+    assert [len(scores) for scores in shared] == [2, 2]
+    assert shared[0][0].logprob == pytest.approx(batch[0][0].logprob, abs=1e-4)
+
+
+def test_score_batch_checks_everything_before_model_work(generators: dict[str, Generator]) -> None:
+    gen = generators["idefics3"]
+    with pytest.raises(InvalidParameterError, match="one list per conversation"):
+        gen.score_batch([CASES["one_image"]], [["red"], ["blue"]])
+    with pytest.raises(InvalidParameterError, match="cannot be written"):
+        gen.score_batch([CASES["one_image"], CASES["text_only"]], ["red", "<image>"])
+    results = gen.score_batch([CASES["text_only"], Conversation()], ["red"], on_error="return")
+    assert len(results[0]) == 1
+    assert results[1] == []

@@ -325,7 +325,7 @@ def test_rows_with_different_constraints_share_a_batch_and_match_singles(gen: Ge
 
     convs = conversations(4, 7)
     options = [
-        GenerationOptions(json_schema=PERSON, max_new_tokens=80, temperature=1.0, seed=1),
+        GenerationOptions(json_schema=PERSON, max_new_tokens=192, temperature=1.0, seed=1),
         GenerationOptions(regex=r"[a-z]{1,4}-[0-9]{2}", max_new_tokens=20, temperature=1.0, seed=2),
         GenerationOptions(choice=["red", "green", "blue"], max_new_tokens=8),
         GenerationOptions(max_new_tokens=6),
@@ -366,7 +366,7 @@ def test_regex_and_choice(gen: Generator) -> None:
 
 def test_streamed_constrained_answer_joins_to_the_generated_one(gen: Generator) -> None:
     for conversation in conversations(3, 11):
-        options = GenerationOptions(json_schema=PERSON, max_new_tokens=80, temperature=1.0, seed=3)
+        options = GenerationOptions(json_schema=PERSON, max_new_tokens=192, temperature=1.0, seed=3)
         whole = gen.generate(conversation, options)
         stream = gen.stream(conversation, options)
         assert "".join(stream) == whole.text
@@ -378,7 +378,7 @@ def test_streamed_constrained_answer_joins_to_the_generated_one(gen: Generator) 
 def test_budget_ending_first_gives_length_and_a_cut_answer(gen: Generator) -> None:
     conversation = conversations(1, 5)[0]
     full = gen.generate(
-        conversation, json_schema=PERSON, max_new_tokens=96, temperature=1.0, seed=4
+        conversation, json_schema=PERSON, max_new_tokens=192, temperature=1.0, seed=4
     )
     cut = gen.generate(conversation, json_schema=PERSON, max_new_tokens=5, temperature=1.0, seed=4)
     assert full.finish_reason == "stop"
@@ -397,7 +397,7 @@ def test_word_vocabulary_that_cannot_continue_is_an_error_not_invalid_text() -> 
         # "red" is a word of the toy's vocabulary, "red!" cannot be spelled.
         result = toy.generate_batch([conversation], choice=["red!"], on_error="return")[0]
         assert result.error is not None
-        assert "cannot continue" in str(result.error)
+        assert "can continue the choice constraint" in str(result.error)
     finally:
         toy.close()
 
