@@ -230,6 +230,14 @@ def test_bad_rows_become_error_rows(ray_rows: list[Row]) -> None:
         assert got[key]["text"] is got[key]["usage"] is got[key]["finish_reason"] is None
 
 
+def test_import_idefics_kit_and_its_cli_never_import_ray() -> None:
+    code = (
+        "import sys, idefics_kit, idefics_kit.cli; "
+        "assert 'ray' not in sys.modules and 'pyarrow' not in sys.modules, 'ray imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
 def test_duplicate_ids_are_refused_before_any_work(tmp_path: Path) -> None:
     rows = [{"id": "a", "messages": "x"}, {"id": "b", "messages": "x"}, {"id": "a", "messages": 1}]
     input_path = _write_jsonl(tmp_path / "dup.jsonl", rows)
