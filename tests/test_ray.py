@@ -246,14 +246,28 @@ def test_duplicate_ids_are_refused_before_any_work(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie waiting for its parent does not)."""
+    if not os.path.isdir("/proc"):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_duplicated(
     ray_run: dict[str, Any], job: dict[str, Any]
 ) -> None:
     """The 200-row job above lost an actor to SIGKILL after its first rows: Ray restarted
     it and retried its batches; the driver wrote each id once (checked in full above)."""
     assert ray_run["killed"], "no actor was alive to kill"
-    with pytest.raises(ProcessLookupError):
-        os.kill(ray_run["killed"][0], 0)
+    assert not _alive(ray_run["killed"][0])
     restarted = ray_run["after"] - ray_run["before"]
     assert restarted, "no new actor process came up after the kill"
     summary = ray_run["summary"]
@@ -265,7 +279,7 @@ def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_duplicated(
 def test_an_interrupted_cli_job_rerun_ends_with_every_id_once(
     ray_address: str, job: dict[str, Any], tmp_path: Path
 ) -> None:
-    rows = job["rows"][:24]
+    rows = job["rows"][:48]
     input_path = _write_jsonl(tmp_path / "in.jsonl", rows)
     output = tmp_path / "out"
     command = [
@@ -296,7 +310,7 @@ def test_an_interrupted_cli_job_rerun_ends_with_every_id_once(
     while time.monotonic() < deadline and process.poll() is None:
         if part.exists() and part.read_text().count("\n") >= 1:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert process.poll() is None, f"the job ended before it could be interrupted: {process.stderr}"
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
