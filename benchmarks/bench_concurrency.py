@@ -68,8 +68,13 @@ def percentile(values: list[float], share: float) -> float:
 def bench(root: Path, runs: int) -> dict[str, Any]:
     path = _common.build_checkpoint(FAMILY, root)
     gen = Generator.from_pretrained(path, device="cpu", max_batch_size=BATCH)
-    reference = _common.Reference(gen, FAMILY)
-    contents = make_contents(COUNT, seed=5)
+    return measure(gen, _common.Reference(gen, FAMILY), make_contents(COUNT, seed=5), runs)
+
+
+def measure(
+    gen: Generator, reference: _common.Reference, contents: list[_common.Content], runs: int
+) -> dict[str, Any]:
+    """All sides on ``gen`` (its ``max_batch_size`` is the batch size), in the same process."""
     convs = [_common.conversation(content) for content in contents]
     own: dict[str, Run] = {}
 
@@ -136,9 +141,7 @@ def bench(root: Path, runs: int) -> dict[str, Any]:
     lone = sequential().results
     raw = raw_singles()
     differing = {
-        "sequential_vs_raw_singles": sum(
-            list(lone[i].token_ids) != raw[i] for i in range(COUNT)
-        ),
+        "sequential_vs_raw_singles": sum(list(lone[i].token_ids) != raw[i] for i in range(COUNT)),
     }
     for side, make in (("threads", threads), ("asyncio", in_asyncio), ("ceiling", ceiling)):
         got = make().results
@@ -187,7 +190,7 @@ def bench(root: Path, runs: int) -> dict[str, Any]:
         _common.paired_ratio(times["ceiling"], times["asyncio"]), 3
     )
     return {
-        "family": FAMILY,
+        "family": reference.family,
         "requests": COUNT,
         "times": stats,
         "requests_per_s": rps,
@@ -218,8 +221,13 @@ def main() -> None:
     _common.configure()
     with tempfile.TemporaryDirectory(prefix="idefics-kit-bench-") as tmp:
         row = bench(Path(tmp), runs)
+    report(row, runs, "concurrency", "build_tiny_checkpoint(size='small'), float32, CPU")
+
+
+def report(row: dict[str, Any], runs: int, name: str, checkpoint: str) -> None:
+    """Print the tables and write benchmarks/results/<name>.json."""
     print(
-        f"Concurrency: {CALLERS} callers x {PER_CALLER} requests ({FAMILY}, small checkpoint, "
+        f"Concurrency: {CALLERS} callers x {PER_CALLER} requests ({row['family']}, {checkpoint}, "
         f"max_new_tokens={MAX_NEW_TOKENS}, max_batch_size={BATCH}), {runs} interleaved runs"
     )
     print(
@@ -239,8 +247,8 @@ def main() -> None:
         )
     )
     print()
-    for name, value in row["paired_ratios"].items():
-        print(f"{name}: {value:.3f}")
+    for ratio, value in row["paired_ratios"].items():
+        print(f"{ratio}: {value:.3f}")
     for side in ("threads", "asyncio"):
         share = row["paired_ratios"][f"{side}_share_of_ceiling"]
         verdict = "met" if share >= TARGET_SHARE_OF_CEILING else "MISSED"
@@ -251,10 +259,10 @@ def main() -> None:
         f"({row['rejected_noisy_rounds']} noisy rounds rerun)"
     )
     path = _common.write_results(
-        "concurrency",
+        name,
         {
             "settings": {
-                "checkpoint": "build_tiny_checkpoint(size='small'), float32, CPU",
+                "checkpoint": checkpoint,
                 "callers": CALLERS,
                 "requests_per_caller": PER_CALLER,
                 "max_batch_size": BATCH,

@@ -58,6 +58,7 @@ Row = dict[str, Any]
 
 _UTF8_BOM = b"\xef\xbb\xbf"
 
+
 class RecordError(UsageError):
     """A JSONL line that is not an object with a non-empty string ``id`` and ``messages``."""
 

@@ -357,12 +357,8 @@ class Generator:
         """
         resolved = self._resolve(options, overrides)
         deadline = _deadline(timeout)
-        item = self._prepare(0, conversation, resolved, numbered=False)
-        if item.error is not None:
-            raise item.error
         waiter = _Waiter()
-        request = Request(item, resolved, waiter)
-        self._scheduler.submit([request])
+        request = self._arrive(conversation, resolved, waiter)
         result = waiter.wait(request, deadline, timeout)
         if result.error is not None:
             raise result.error
@@ -450,13 +446,8 @@ class Generator:
         """
         resolved = self._resolve(options, overrides)
         _deadline(timeout)
-        item = self._prepare(0, conversation, resolved, numbered=False)
-        if item.error is not None:
-            raise item.error
         stream = TextStream(TextDecoder(self._adapter, resolved), timeout)
-        request = Request(item, resolved, stream._on_done, on_token=stream._on_token)
-        stream._attach(request)
-        self._scheduler.submit([request])
+        stream._attach(self._arrive(conversation, resolved, *stream._hooks()))
         return stream
 
     # -- asyncio -------------------------------------------------------------------
@@ -479,12 +470,8 @@ class Generator:
         _deadline(timeout)
 
         async def answer() -> Result:
-            item = await asyncio.to_thread(self._prepare, 0, conversation, resolved, numbered=False)
-            if item.error is not None:
-                raise item.error
             future, settle = _future()
-            request = Request(item, resolved, settle)
-            self._scheduler.submit([request])
+            request = await asyncio.to_thread(self._arrive, conversation, resolved, settle)
             return await _settled(future, request)
 
         result = await _within(answer(), timeout)
@@ -511,12 +498,7 @@ class Generator:
         _deadline(timeout)
 
         async def submit(stream: AsyncTextStream) -> Request:
-            item = await asyncio.to_thread(self._prepare, 0, conversation, resolved, numbered=False)
-            if item.error is not None:
-                raise item.error
-            request = Request(item, resolved, stream._on_done, on_token=stream._on_token)
-            self._scheduler.submit([request])
-            return request
+            return await asyncio.to_thread(self._arrive, conversation, resolved, *stream._hooks())
 
         return AsyncTextStream(TextDecoder(self._adapter, resolved), timeout, submit)
 
@@ -564,6 +546,22 @@ class Generator:
         return await _within(answer(), timeout)
 
     # -- internals -------------------------------------------------------------
+
+    def _arrive(
+        self,
+        conversation: Conversation,
+        options: GenerationOptions,
+        on_done: Callable[[Outcome], None],
+        on_token: Callable[[int], None] | None = None,
+    ) -> Request:
+        """Prepare and queue one conversation (the async methods run this in a thread)."""
+        with self._scheduler.arriving():
+            item = self._prepare(0, conversation, options, numbered=False)
+            if item.error is not None:
+                raise item.error
+            request = Request(item, options, on_done, on_token=on_token)
+            self._scheduler.submit([request])
+            return request
 
     def _batch_arguments(
         self,

@@ -7,7 +7,11 @@ what is queued, at most ``max_batch_size`` rows of one encoding group (same
 model input keys), and runs them as one micro-batch; each row keeps its own
 options, hooks and cancellation (:mod:`idefics_kit.engine`). With
 ``max_wait_ms`` > 0 it waits that long for more rows when fewer than
-``max_batch_size`` are queued; by default it never waits.
+``max_batch_size`` are queued; by default it never waits for requests that
+have not arrived. A call whose conversation is still being prepared in its
+caller's thread has arrived, though: the worker waits for those (at most
+``ARRIVAL_WAIT_S``), so that callers who asked together share a batch even
+when their images take a few milliseconds more to decode.
 
 Nothing here holds a lock while the model runs or while a caller consumes a
 stream: the lock only guards the queue, and each request hands its outcome
@@ -16,10 +20,11 @@ over exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -29,7 +34,10 @@ from idefics_kit.options import GenerationOptions
 from idefics_kit.results import Result
 from idefics_kit.runner import Prepared, Runner
 
-__all__ = ["Outcome", "Request", "Scheduler", "SchedulerStats"]
+__all__ = ["ARRIVAL_WAIT_S", "Outcome", "Request", "Scheduler", "SchedulerStats"]
+
+ARRIVAL_WAIT_S = 0.2
+"""The longest a batch waits for calls that arrived but are still being prepared."""
 
 Outcome = Result | BaseException
 """What a request ends with: its Result, or the exception its caller should raise."""
@@ -159,6 +167,7 @@ class Scheduler:
         self._running: list[Request] = []
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._arriving = 0
         self._batches = 0
         self._rows = 0
         self._completed = 0
@@ -196,6 +205,18 @@ class Scheduler:
                 self._queue.extend(pending[:room])
                 pending = pending[room:]
                 self._start()
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Around a call's preparation and submission: it counts as arrived meanwhile."""
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arriving -= 1
                 self._cond.notify_all()
 
     def call(self, fn: Callable[[], T]) -> T:
@@ -282,14 +303,19 @@ class Scheduler:
                 self._run(batch)
 
     def _wait_for_more(self) -> None:
-        if self._max_wait <= 0:
-            return
-        deadline = time.monotonic() + self._max_wait
-        while not self._closed and (left := deadline - time.monotonic()) > 0:
-            head = self._queue[0]
-            if len(self._queue) >= self._max_batch_size(head.item, head.options):
+        head = self._queue[0]
+        limit = self._max_batch_size(head.item, head.options)
+        now = time.monotonic()
+        arrivals = now + ARRIVAL_WAIT_S
+        more = now + self._max_wait
+        while not self._closed and len(self._queue) < limit:
+            now = time.monotonic()
+            if self._arriving and now < arrivals:
+                self._cond.wait(timeout=arrivals - now)
+            elif now < more:
+                self._cond.wait(timeout=more - now)
+            else:
                 return
-            self._cond.wait(timeout=left)
 
     def _take(self) -> list[Request]:
         """The oldest request and as many queued ones of its group as fit, in queue order."""

@@ -9,6 +9,7 @@ only stops its own row.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import time
 from collections.abc import Awaitable, Callable
@@ -84,11 +85,18 @@ class TextStream:
     def _attach(self, request: Request) -> None:
         self._request = request
 
-    def _on_token(self, token: int) -> None:
-        self._queue.put(token)
+    def _hooks(self) -> tuple[Callable[[Outcome], None], Callable[[int], None]]:
+        """``on_done`` and ``on_token`` for this stream's request.
 
-    def _on_done(self, outcome: Outcome) -> None:
-        self._queue.put(_Final(outcome))
+        They hold the queue, not the stream: a stream its caller dropped is
+        collected, and its ``__del__`` stops the row.
+        """
+        sink = self._queue
+
+        def on_done(outcome: Outcome) -> None:
+            sink.put(_Final(outcome))
+
+        return on_done, sink.put
 
     def __iter__(self) -> TextStream:
         return self
@@ -159,21 +167,24 @@ class AsyncTextStream:
         """The full Result once the stream is exhausted; None before."""
         return self._pieces.result
 
-    def _on_token(self, token: int) -> None:
-        self._post(token)
+    def _hooks(self) -> tuple[Callable[[Outcome], None], Callable[[int], None]]:
+        """``on_done`` and ``on_token`` for this stream's request (call from its loop).
 
-    def _on_done(self, outcome: Outcome) -> None:
-        self._post(_Final(outcome))
+        They hold the loop and the queue, not the stream (see
+        :meth:`TextStream._hooks`).
+        """
+        loop = self._loop = asyncio.get_running_loop()
+        sink = self._queue = asyncio.Queue()
 
-    def _post(self, item: object) -> None:
-        # Called from the worker thread; a closed loop means nobody listens.
-        assert self._loop is not None
-        assert self._queue is not None
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-        except RuntimeError:
-            if self._request is not None:
-                self._request.cancel()
+        def post(item: object) -> None:
+            # From the worker thread; a closed loop means nobody listens any more.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(sink.put_nowait, item)
+
+        def on_done(outcome: Outcome) -> None:
+            post(_Final(outcome))
+
+        return on_done, post
 
     def __aiter__(self) -> AsyncTextStream:
         return self
@@ -183,7 +194,6 @@ class AsyncTextStream:
             if self._submit is not None:
                 submit, self._submit = self._submit, None
                 self._loop = asyncio.get_running_loop()
-                self._queue = asyncio.Queue()
                 if self._timeout is not None:
                     self._deadline = self._loop.time() + self._timeout
                 self._request = await self._with_deadline(submit(self))

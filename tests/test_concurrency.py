@@ -7,17 +7,16 @@ the test, not by thread timing.
 
 from __future__ import annotations
 
-import _thread
 import asyncio
 import contextlib
 import gc
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-import torch
 
 from idefics_kit import (
     Conversation,
@@ -146,8 +145,7 @@ def test_32_threads_mixing_calls_get_their_lone_results(generators: dict[str, Ge
         else:
             # A batch call takes one options value: group by options.
             got = [
-                gen.generate_batch([MIXED[i][0]], GenerationOptions(**MIXED[i][1]))[0]
-                for i in pick
+                gen.generate_batch([MIXED[i][0]], GenerationOptions(**MIXED[i][1]))[0] for i in pick
             ]
         if got != [lone[i] for i in pick]:
             failures.append(f"caller {number} ({kind}): {got} != {[lone[i] for i in pick]}")
@@ -393,13 +391,23 @@ def test_no_worker_thread_is_left_behind(gen: Generator) -> None:
 def test_keyboard_interrupt_affects_only_its_caller(gen: Generator) -> None:
     expected = gen.generate(TWO, max_new_tokens=6)
     shared = fresh(gen)
-    with held(shared):
-        other, box = in_thread(lambda: shared.generate(TWO, max_new_tokens=6))
-        wait_until(lambda: shared.stats().queued == 1)
-        timer = threading.Timer(0.2, _thread.interrupt_main)
-        timer.start()
-        with pytest.raises(KeyboardInterrupt):
-            shared.generate(SHORT, max_new_tokens=6)  # waits in the main thread
+    # A real SIGINT to the main thread, as Ctrl-C sends: it interrupts the wait
+    # itself. Python's handler is installed even when pytest runs as a
+    # background job (where SIGINT may be ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with held(shared):
+            other, box = in_thread(lambda: shared.generate(TWO, max_new_tokens=6))
+            wait_until(lambda: shared.stats().queued == 1)
+            main = threading.main_thread().ident
+            assert main is not None
+            timer = threading.Timer(0.3, signal.pthread_kill, args=(main, signal.SIGINT))
+            timer.start()
+            with pytest.raises(KeyboardInterrupt):
+                shared.generate(SHORT, max_new_tokens=6)  # waits in the main thread
+            timer.join()
+    finally:
+        signal.signal(signal.SIGINT, previous)
     other.join(60)
     assert box["value"] == expected
     assert shared.generate(TWO, max_new_tokens=6) == expected
@@ -427,9 +435,7 @@ def test_a_failing_row_is_bisected_out_and_the_cost_is_counted(
     assert [r.ok for r in results] == [i != 5 for i in range(8)]
     assert results[5].error is not None
     assert results[5].error.index == 5
-    assert [r for i, r in enumerate(results) if i != 5] == [
-        r for i, r in enumerate(lone) if i != 5
-    ]
+    assert [r for i, r in enumerate(results) if i != 5] == [r for i, r in enumerate(lone) if i != 5]
     assert len(calls) == 7  # 8, then 4+4, 2+2, 1+1: one bad row costs 2*log2(8)+1 calls
     calls.clear()
 
@@ -495,3 +501,16 @@ def test_idefics1_padding_features_hold_no_autograd_graph(
     assert len(paddings) == 1
     assert not paddings[0].requires_grad
     assert paddings[0].grad_fn is None
+
+
+def test_a_dropped_stream_stops_its_row(gen: Generator) -> None:
+    dropping = fresh(gen)
+    with held(dropping):
+        stream = dropping.stream(LONG, max_new_tokens=50)
+        wait_until(lambda: dropping.stats().queued == 1)
+        del stream
+        gc.collect()
+    assert dropping.generate(SHORT, max_new_tokens=2) == gen.generate(SHORT, max_new_tokens=2)
+    stats = dropping.stats()
+    assert (stats.cancelled, stats.rows) == (1, 1)  # never ran
+    dropping.close()
