@@ -8,6 +8,10 @@ Everything per row is computed from that row alone (its own sampling
 generator, its own penalty over its own tokens, padding excluded), so a row's
 tokens do not depend on what shares its batch.
 
+Logits processors run in this order: the log-probability capture (raw
+scores), the ban on image tokens, each row's grammar constraint, the per-row
+repetition penalty, the per-row sampler.
+
 Results and streams share :func:`finish`, and a streaming row's
 :class:`TextDecoder` emits only prefixes of ``finish``'s text, so a stream's
 pieces always join to the final text.
