@@ -150,6 +150,10 @@ class Predictor:
         )
         self.batch_size = batch_size
         self.allow_private_network = allow_private_network
+        if _in_actor():  # an actor's own process: no weight-loading bars in the driver's log
+            from transformers.utils import logging as transformers_logging
+
+            transformers_logging.disable_progress_bar()
         self.generator: Generator = Generator.from_pretrained(
             model, device=device, dtype=dtype, **dict(load_options or {})
         )
@@ -199,6 +203,12 @@ class Predictor:
         if images is not None or _has_byte_blocks(messages):
             messages = _attach_images(messages, _plain(images) if images is not None else [])
         return conversation_of(messages, allow_private_network=self.allow_private_network)
+
+
+def _in_actor() -> bool:
+    with contextlib.suppress(Exception):
+        return ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None
+    return False
 
 
 def _assigned_cpus() -> int:
