@@ -224,10 +224,19 @@ class Runner:
         return self.run(items[:half], rows[:half]) + self.run(items[half:], rows[half:])
 
     def _generate(self, items: Sequence[Prepared], rows: Sequence[engine.Row]) -> list[Result]:
+        cached = self.cache is not None and any(item.images for item in items)
+        # With the cache, pixels are replaced by features: padding and copying
+        # them into one batch tensor first would be wasted work.
+        skip = self.adapter.replaced_by_features if cached else ()
         encoded: dict[str, Any] = collate(
-            [item.inputs for item in items if item.inputs], self.adapter.sequence_keys
+            [
+                {k: v for k, v in item.inputs.items() if k not in skip}
+                for item in items
+                if item.inputs
+            ],
+            self.adapter.sequence_keys,
         )
-        if self.cache is not None and any(item.images for item in items):
+        if cached:
             encoded = self.with_cached_features(items, encoded)
         inputs = BatchFeature(encoded).to(self.model.device, dtype=self.model.dtype)
         return engine.generate(self.model, self.adapter, inputs, rows)

@@ -46,6 +46,8 @@ class FamilyAdapter(ABC):
     model_type: ClassVar[str]
     """``config.model_type`` of the checkpoints this adapter serves."""
     banned_tokens: ClassVar[tuple[str, ...]] = _IMAGE_TOKENS
+    replaced_by_features: ClassVar[tuple[str, ...]] = ()
+    """Model inputs that :meth:`with_image_features` drops: not worth batching then."""
     """Tokens the model may never generate (only those in the vocabulary count)."""
 
     def __init__(self, processor: Any, generation_config: Any) -> None:
@@ -129,6 +131,8 @@ class FamilyAdapter(ABC):
 class ChatTemplateAdapter(FamilyAdapter):
     """Families whose processor renders the model's own chat template."""
 
+    replaced_by_features = ("pixel_values", "pixel_attention_mask")
+
     def encode(self, conversations: Sequence[Conversation], images: Sequence[LoadedImages]) -> Any:
         batch = [
             _chat_messages(conv, iter(imgs))
@@ -189,9 +193,7 @@ class ChatTemplateAdapter(FamilyAdapter):
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
         # The same hook generate() itself uses once it has encoded the pixels.
-        rest = {
-            k: v for k, v in inputs.items() if k not in ("pixel_values", "pixel_attention_mask")
-        }
+        rest = {k: v for k, v in inputs.items() if k not in self.replaced_by_features}
         per_row = [torch.cat(row) for row in features]
         rest["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=per_row)}
         return rest
