@@ -425,8 +425,9 @@ def generate(model: Any, adapter: FamilyAdapter, inputs: Any, rows: Sequence[Row
 class TextDecoder:
     """Turns one row's token ids, as they arrive, into text pieces that are final.
 
-    A piece is held back only while it ends in an incomplete character or in
-    what could be the start of a stop string. The pieces, followed by
+    A piece is held back only while it ends in an incomplete character, in a
+    run of byte-fallback pieces, or in what could be the start of a stop
+    string. The pieces, followed by
     :meth:`rest` of the final result, join to exactly ``finish(...).text``.
     """
 
@@ -435,6 +436,7 @@ class TextDecoder:
         self.stop = options.stop
         self.limit = options.max_new_tokens
         self.stop_ids = set(adapter.stop_token_ids)
+        self.byte_ids = adapter.byte_token_ids
         self.ids: list[int] = []
         self.emitted = ""
         self.ended = False
@@ -448,7 +450,12 @@ class TextDecoder:
                 self.ended = True
                 break
             self.ids.append(token)
-        safe = _safe_text(self.adapter.decode(self.ids), self.stop)
+        # A trailing run of byte-fallback pieces may still turn into other
+        # characters (or into U+FFFD as a whole): hold all of it back.
+        end = len(self.ids)
+        while end and self.ids[end - 1] in self.byte_ids:
+            end -= 1
+        safe = _safe_text(self.adapter.decode(self.ids[:end]), self.stop)
         if safe is None:
             self.ended = True
             return ""

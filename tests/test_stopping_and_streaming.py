@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -236,3 +238,26 @@ def test_a_call_during_an_open_stream_in_the_same_thread_works(gen: Generator) -
     assert gen.generate(CONV, max_new_tokens=8) == expected
     assert first + "".join(pieces) == expected.text
     assert pieces.result == expected
+
+
+def test_streams_hold_back_runs_of_byte_fallback_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Llama 2's tokenizer (idefics-9b, idefics2-8b) spells rare characters as
+    # <0xXX> byte pieces; a run of them decodes as a whole and can turn into
+    # other text (or U+FFFD) when the next byte arrives.
+    from idefics_kit import testing
+
+    spec = dataclasses.replace(testing._TOKENIZER_SPECS["idefics2"], byte_fallback=True)
+    monkeypatch.setitem(testing._TOKENIZER_SPECS, "idefics2", spec)
+    gen = Generator.from_pretrained(testing.build_tiny_checkpoint("idefics2", tmp_path / "bf"))
+    assert gen._adapter.byte_token_ids, "the tokenizer has byte pieces"
+    convs = [Conversation().user(f"Question number {n}: what now?") for n in range(12)]
+    results = [gen.generate(conv, max_new_tokens=24) for conv in convs]
+    used = sum(any(t in gen._adapter.byte_token_ids for t in r.token_ids) for r in results)
+    assert used >= 3, "the answers must contain byte pieces for this test to mean anything"
+    for conv, result in zip(convs, results, strict=True):
+        stream = gen.stream(conv, max_new_tokens=24)
+        assert "".join(stream) == result.text
+        assert stream.result == result
+    gen.close()

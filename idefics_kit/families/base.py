@@ -37,6 +37,7 @@ Pixels = dict[str, torch.Tensor]
 
 END_OF_UTTERANCE = "<end_of_utterance>"
 _IMAGE_TOKENS = ("<image>", "<fake_token_around_image>")
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 
 class FamilyAdapter(ABC):
@@ -63,6 +64,11 @@ class FamilyAdapter(ABC):
         self.stop_token_ids: tuple[int, ...] = tuple(dict.fromkeys([*own_eos, *extra]))
         self.banned_token_ids: tuple[int, ...] = tuple(
             vocab[token] for token in self.banned_tokens if token in vocab
+        )
+        # SentencePiece byte-fallback pieces (Llama 2: <0x00> ... <0xFF>): a run
+        # of them decodes as a whole, so its text is final only once it ends.
+        self.byte_token_ids: frozenset[int] = frozenset(
+            index for token, index in vocab.items() if _BYTE_PIECE.fullmatch(token)
         )
         pad = self.tokenizer.pad_token_id
         self.pad_token_id: int = pad if pad is not None else self.stop_token_ids[0]
