@@ -204,13 +204,10 @@ class Generator:
             raise ModelLoadError(f"cannot load the weights of {name!r}: {exc}") from exc
         if target is not None:
             model.to(target)
-        model.eval()
-        adapter = adapter_cls(processor, model.generation_config)
-        return cls(
+        return cls.from_model(
             model,
             processor,
-            adapter,
-            vision_cache_mb,
+            vision_cache_mb=vision_cache_mb,
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
             max_queued=max_queued,

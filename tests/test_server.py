@@ -1185,3 +1185,39 @@ def test_disconnect_before_the_first_piece_closes_the_stream() -> None:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(f"{url}/v1/chat/completions", json=body, timeout=0.5)
         wait_for(lambda: slow.closed_streams == 1 and app.in_flight == 0)
+
+
+def test_response_format_json_schema_gives_valid_json(chatty_path: Path) -> None:
+    # A byte-level vocabulary can spell any JSON: every answer must parse and
+    # validate, even from random weights.
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "color": {"enum": ["red", "green", "blue"]},
+            "count": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["color", "count"],
+        "additionalProperties": False,
+    }
+    gen = Generator.from_pretrained(chatty_path, device="cpu")
+    try:
+        with serving(create_app(gen, served_model_name=MODEL)) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+            for question in ("What is it?", "Count the shapes.", "Describe this image."):
+                answer = client.chat.completions.create(
+                    model=MODEL,
+                    messages=image_message(CASES[0][0], question),  # type: ignore[arg-type]
+                    max_tokens=64,
+                    response_format={
+                        "type": "json_schema",
+                        "json_schema": {"name": "shape", "schema": schema},
+                    },
+                )
+                assert answer.choices[0].finish_reason == "stop"
+                content = answer.choices[0].message.content
+                assert content is not None
+                jsonschema.validate(json.loads(content), schema)
+    finally:
+        gen.close()
