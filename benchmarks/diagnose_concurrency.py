@@ -1,0 +1,66 @@
+"""Why concurrent callers trail the ceiling of benchmark 8: length sorting.
+
+The ceiling (one ``generate_batch`` over all 64 conversations) sorts them by
+prompt length before batching; concurrent callers arrive in any order. This
+times the same 64 conversations (benchmark 8's, small IDEFICS 2, 24 new
+tokens) as one sorted call against four calls of 16 in input order, the
+batches arrival order gives; the sides alternate.
+
+    .venv/bin/python benchmarks/diagnose_concurrency.py [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import _common  # before idefics_kit: sets HF_HUB_OFFLINE before transformers loads
+from bench_batching import make_contents
+from bench_concurrency import BATCH, COUNT, MAX_NEW_TOKENS
+
+from idefics_kit import Generator
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=4, help="timed rounds")
+    args = parser.parse_args()
+    _common.configure()
+    with tempfile.TemporaryDirectory(prefix="idefics-kit-bench-") as tmp:
+        path = _common.build_checkpoint("idefics2", Path(tmp))
+        gen = Generator.from_pretrained(path, device="cpu", max_batch_size=BATCH)
+        convs = [_common.conversation(c) for c in make_contents(COUNT, seed=5)]
+
+        def sorted_call() -> None:
+            gen.clear_vision_cache()
+            gen.generate_batch(convs, batch_size=BATCH, max_new_tokens=MAX_NEW_TOKENS)
+
+        def arrival_order() -> None:
+            gen.clear_vision_cache()
+            for start in range(0, COUNT, BATCH):
+                gen.generate_batch(
+                    convs[start : start + BATCH], batch_size=BATCH, max_new_tokens=MAX_NEW_TOKENS
+                )
+
+        sides = {"one sorted call": sorted_call, "batches in input order": arrival_order}
+        for side in sides.values():
+            side()
+        times: dict[str, list[float]] = {name: [] for name in sides}
+        for round_ in range(args.runs):
+            order = list(sides) if round_ % 2 == 0 else list(sides)[::-1]
+            for name in order:
+                started = time.perf_counter()
+                sides[name]()
+                times[name].append(time.perf_counter() - started)
+    medians = {name: statistics.median(values) for name, values in times.items()}
+    for name, value in medians.items():
+        print(f"{name}: {value:.2f} s (median of {args.runs})")
+    ratio = medians["batches in input order"] / medians["one sorted call"]
+    print(f"sorting gives the ceiling {ratio:.2f}x over arrival-order batches of {BATCH}")
+
+
+if __name__ == "__main__":
+    main()
