@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
-__all__ = ["PROG", "CliExit", "cli_message", "one_line"]
+import argparse
+import math
+
+__all__ = [
+    "PROG",
+    "CliExit",
+    "cli_message",
+    "non_negative_float",
+    "non_negative_int",
+    "one_line",
+    "positive_float",
+    "positive_int",
+]
 
 PROG = "idefics-kit"
 
@@ -34,3 +46,36 @@ def one_line(message: str) -> str:
 def cli_message(message: str) -> str:
     """An SDK error message in the CLI's terms: its keyword hints become flag hints."""
     return message.replace("pass allow_private_network=True", "pass --allow-private-network")
+
+
+# argparse ``type=`` functions: a bad value is a usage error naming the rule.
+
+
+def _number(text: str, kind: type[int] | type[float], low: float, strict: bool, rule: str) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and (value > low if strict else value >= low)):
+        raise argparse.ArgumentTypeError(f"must be {rule}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return int(_number(text, int, 1, False, "an integer >= 1"))
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    return int(_number(text, int, 0, False, "an integer >= 0"))
+
+
+def positive_float(text: str) -> float:
+    """A finite number > 0."""
+    return _number(text, float, 0, True, "a number > 0")
+
+
+def non_negative_float(text: str) -> float:
+    """A finite number >= 0."""
+    return _number(text, float, 0, False, "a number >= 0")

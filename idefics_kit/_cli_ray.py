@@ -13,32 +13,12 @@ from contextlib import contextmanager
 from typing import Any, TextIO
 
 from idefics_kit._cli_batch import Progress
-from idefics_kit._cli_common import PROG, CliExit
+from idefics_kit._cli_common import PROG, CliExit, positive_float, positive_int
 from idefics_kit.options import GenerationOptions
 
 __all__ = ["add_ray_flags", "run_ray_batch", "wants_ray"]
 
 _RAY_ONLY = ("ray_address", "actors", "cpus_per_actor", "gpus_per_actor", "rows_per_task")
-
-
-def _positive_number(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
-
-
-def _positive_count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
 
 
 def add_ray_flags(parser: argparse.ArgumentParser) -> None:
@@ -58,27 +38,27 @@ def add_ray_flags(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--actors",
-        type=_positive_count,
+        type=positive_int,
         metavar="N",
         help="model actors (default: one per GPU of the cluster, else 1)",
     )
     group.add_argument(
         "--cpus-per-actor",
-        type=_positive_number,
+        type=positive_float,
         metavar="N",
         help="CPUs per actor; on the CPU also torch's threads (default: 1 on GPU clusters, "
         "else the cluster's CPUs shared out)",
     )
     group.add_argument(
         "--rows-per-task",
-        type=_positive_count,
+        type=positive_int,
         metavar="N",
         help="rows per actor call, answered in model batches of --batch-size; a killed actor "
         "redoes at most this many (default: 4 x --batch-size, at least 32)",
     )
     group.add_argument(
         "--gpus-per-actor",
-        type=_positive_number,
+        type=positive_float,
         metavar="N",
         help="GPUs per actor (default: 1 when the cluster has GPUs)",
     )

@@ -19,7 +19,13 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
-from idefics_kit._cli_common import PROG, CliExit
+from idefics_kit._cli_common import (
+    PROG,
+    CliExit,
+    non_negative_float,
+    non_negative_int,
+    positive_int,
+)
 
 if TYPE_CHECKING:
     from idefics_kit.generator import Generator
@@ -54,36 +60,6 @@ examples:
 """
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
-
-
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
-
-
 def _port(text: str) -> int:
     try:
         value = int(text)
@@ -112,7 +88,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     )
     net.add_argument(
         "--drain-seconds",
-        type=_non_negative,
+        type=non_negative_float,
         default=_DEFAULT_DRAIN_SECONDS,
         metavar="S",
         help="on SIGTERM/Ctrl-C, let requests in flight finish for up to S seconds while new "
@@ -120,7 +96,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     )
     net.add_argument(
         "--request-timeout",
-        type=_non_negative,
+        type=non_negative_float,
         metavar="S",
         help="give up on a request (504) that has not finished S seconds after it arrived "
         "(default: no limit)",
@@ -134,14 +110,14 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     )
     limits.add_argument(
         "--max-images-per-request",
-        type=_count,
+        type=non_negative_int,
         default=_DEFAULT_MAX_IMAGES,
         metavar="N",
         help=f"refuse requests with more images (400) (default: {_DEFAULT_MAX_IMAGES})",
     )
     limits.add_argument(
         "--max-image-pixels",
-        type=_positive_int,
+        type=positive_int,
         default=_DEFAULT_MAX_IMAGE_PIXELS,
         metavar="N",
         help="refuse images of more pixels, read from the header before decoding (default: "
@@ -149,7 +125,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     )
     limits.add_argument(
         "--max-request-bytes",
-        type=_positive_int,
+        type=positive_int,
         default=_DEFAULT_MAX_REQUEST_BYTES,
         metavar="N",
         help="refuse larger request bodies (413) before reading them whole (default: "
@@ -157,7 +133,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     )
     limits.add_argument(
         "--max-concurrent-requests",
-        type=_positive_int,
+        type=positive_int,
         default=_DEFAULT_MAX_CONCURRENT_REQUESTS,
         metavar="N",
         help="chat completions held at once (read, decoded, queued or generating); more get "
@@ -167,19 +143,19 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     engine = parser.add_argument_group("engine (defaults: Generator.from_pretrained)")
     engine.add_argument(
         "--max-batch-size",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="most requests decoded together in one batch",
     )
     engine.add_argument(
         "--max-wait-ms",
-        type=_non_negative,
+        type=non_negative_float,
         metavar="MS",
         help="how long a new request may wait for others to fill its batch",
     )
     engine.add_argument(
         "--max-queued",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="requests waiting beyond this get 503 with Retry-After at once",
     )

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from idefics_kit import __version__
 from idefics_kit._cli_batch import BatchJob, run_batch
-from idefics_kit._cli_common import PROG, CliExit, cli_message, one_line
+from idefics_kit._cli_common import PROG, CliExit, cli_message, one_line, positive_int
 from idefics_kit._cli_ray import add_ray_flags, run_ray_batch, wants_ray
 from idefics_kit._cli_serve import SERVE_EPILOG, add_serve_flags, engine_options, run_serve
 from idefics_kit.conversation import Conversation
@@ -122,16 +122,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         raise CliExit(f"{message} (see '{self.prog} --help')", 2)
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
 
 
 def _model_flags() -> _Parser:
@@ -268,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     batch.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=positive_int,
         default=_DEFAULT_BATCH_SIZE,
         metavar="N",
         help=f"conversations per model call (default: {_DEFAULT_BATCH_SIZE})",
