@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["collate", "plan"]
+__all__ = ["collate", "plan", "prefill_parts"]
 
 
 def plan(lengths: Sequence[int], groups: Sequence[object], batch_size: int) -> list[list[int]]:
@@ -34,6 +34,46 @@ def plan(lengths: Sequence[int], groups: Sequence[object], batch_size: int) -> l
         else:
             batches.append([index])
     return batches
+
+
+MAX_PREFILL_PARTS = 4
+PREFILL_PART_COST = 0.125
+"""What one more prefill part must save, as a share of the batch's real prompt tokens."""
+
+
+def prefill_parts(lengths: Sequence[int]) -> list[list[int]]:
+    """Indices of one micro-batch split into parts of similar prompt length.
+
+    A micro-batch whose prompts differ a lot in length pads the short ones up
+    to the longest, and the prefill computes every padding position. Running
+    the prefill in parts pads less; each extra part is one more forward pass,
+    so a split must save more than :data:`PREFILL_PART_COST` of the real
+    tokens. The split is the cheapest by padded tokens (exact, by dynamic
+    programming over the sorted lengths), at most :data:`MAX_PREFILL_PARTS`.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    ordered = [lengths[i] for i in order]
+    count = len(order)
+    penalty = PREFILL_PART_COST * sum(ordered)
+    # cost[k][j]: the first j sorted rows in k parts; the k-th part ends at j.
+    infinite = float("inf")
+    cost = [[infinite] * (count + 1) for _ in range(MAX_PREFILL_PARTS + 1)]
+    start = [[0] * (count + 1) for _ in range(MAX_PREFILL_PARTS + 1)]
+    cost[0][0] = 0.0
+    for parts in range(1, MAX_PREFILL_PARTS + 1):
+        for end in range(parts, count + 1):
+            for begin in range(parts - 1, end):
+                total = cost[parts - 1][begin] + (end - begin) * ordered[end - 1] + penalty
+                if total < cost[parts][end]:
+                    cost[parts][end], start[parts][end] = total, begin
+    best = min(range(1, min(MAX_PREFILL_PARTS, max(count, 1)) + 1), key=lambda k: cost[k][count])
+    split: list[list[int]] = []
+    end = count
+    for parts in range(best, 0, -1):
+        begin = start[parts][end]
+        split.append(order[begin:end])
+        end = begin
+    return split[::-1]
 
 
 def collate(

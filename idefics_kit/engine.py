@@ -372,14 +372,22 @@ def _generate_kwargs(
     return kwargs, _Extras(stops=stops, vocab=vocab, capture=capture, constraints=constraints)
 
 
-def generate(model: Any, adapter: FamilyAdapter, inputs: Any, rows: Sequence[Row]) -> list[Result]:
-    """Run one micro-batch (already left-padded, on the model's device); a Result per row."""
+def generate(
+    model: Any, adapter: FamilyAdapter, inputs: Any, rows: Sequence[Row], cache: Any = None
+) -> list[Result]:
+    """Run one micro-batch (already left-padded, on the model's device); a Result per row.
+
+    With ``cache`` (all but the last prompt token, :mod:`prefill`), ``inputs``
+    are the token ids and attention mask alone and decoding starts from it.
+    """
     if len(rows) != int(inputs["input_ids"].shape[0]):
         raise ValueError(f"{len(rows)} rows for a batch of {inputs['input_ids'].shape[0]}")
     kwargs, extras = _generate_kwargs(adapter, rows, inputs, logits_width(model, adapter.tokenizer))
     prompt_length = int(inputs["input_ids"].shape[1])
     try:
         with torch.inference_mode():
+            if cache is not None:
+                kwargs["cache"] = cache
             output = model.generate(**inputs, **kwargs)
     except torch.OutOfMemoryError:
         raise

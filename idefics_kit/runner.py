@@ -20,8 +20,8 @@ from typing import Any, Literal
 import torch
 from transformers import BatchFeature
 
-from idefics_kit import engine
-from idefics_kit.batching import collate, encoding_group
+from idefics_kit import engine, prefill
+from idefics_kit.batching import collate, encoding_group, prefill_parts
 from idefics_kit.conversation import Conversation
 from idefics_kit.errors import (
     ConversationError,
@@ -224,6 +224,38 @@ class Runner:
         return self.run(items[:half], rows[:half]) + self.run(items[half:], rows[half:])
 
     def _generate(self, items: Sequence[Prepared], rows: Sequence[engine.Row]) -> list[Result]:
+        parts = prefill_parts([item.length for item in items])
+        if len(parts) > 1 and self.adapter.prefills_in_parts:
+            whole = collate(
+                [
+                    {k: item.inputs[k] for k in ("input_ids", "attention_mask")}
+                    for item in items
+                    if item.inputs
+                ],
+                self.adapter.sequence_keys,
+            )
+            length = int(whole["input_ids"].shape[1])
+            last = set(whole["input_ids"][:, -1].tolist())
+            if prefill.joinable(self.model, length) and not last & set(
+                self.adapter.banned_token_ids
+            ):
+                caches = [self._prefill([items[i] for i in part]) for part in parts]
+                cache = prefill.joined(self.model, caches, parts, length - 1)
+                inputs = BatchFeature(whole).to(self.model.device)
+                return engine.generate(self.model, self.adapter, inputs, rows, cache=cache)
+        return engine.generate(self.model, self.adapter, self._inputs(items), rows)
+
+    def _prefill(self, items: Sequence[Prepared]) -> Any:
+        inputs = self._inputs(items)
+        try:
+            return prefill.prefill(self.model, inputs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            raise GenerationError(f"the prefill failed: {type(exc).__name__}: {exc}") from exc
+
+    def _inputs(self, items: Sequence[Prepared]) -> BatchFeature:
+        """The micro-batch's model inputs, on the model's device."""
         cached = self.cache is not None and any(item.images for item in items)
         # With the cache, pixels are replaced by features: padding and copying
         # them into one batch tensor first would be wasted work.
@@ -238,8 +270,7 @@ class Runner:
         )
         if cached:
             encoded = self.with_cached_features(items, encoded)
-        inputs = BatchFeature(encoded).to(self.model.device, dtype=self.model.dtype)
-        return engine.generate(self.model, self.adapter, inputs, rows)
+        return BatchFeature(encoded).to(self.model.device, dtype=self.model.dtype)
 
     def with_cached_features(
         self, items: Sequence[Prepared], encoded: dict[str, Any]

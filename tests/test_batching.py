@@ -99,19 +99,21 @@ def test_out_of_memory_splits_batches_down_to_one(
     real = engine.generate
     sizes: list[int] = []
 
-    def tight_memory(model: Any, adapter: Any, inputs: Any, options: Any) -> list[Result]:
+    def tight_memory(
+        model: Any, adapter: Any, inputs: Any, options: Any, cache: Any = None
+    ) -> list[Result]:
         rows = int(inputs["input_ids"].shape[0])
         sizes.append(rows)
         if rows > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model, adapter, inputs, options)
+        return real(model, adapter, inputs, options, cache)
 
     monkeypatch.setattr(engine, "generate", tight_memory)
     assert gen.generate_batch(convs, max_new_tokens=8, batch_size=4) == singles
     assert max(sizes) == 4
     assert sizes.count(1) == len(convs)
 
-    def no_memory(*args: Any) -> list[Result]:
+    def no_memory(*args: Any, **kwargs: Any) -> list[Result]:
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
     monkeypatch.setattr(engine, "generate", no_memory)

@@ -424,11 +424,13 @@ def test_a_failing_row_is_bisected_out_and_the_cost_is_counted(
     real = engine.generate
     calls: list[int] = []
 
-    def failing(model: Any, adapter: Any, inputs: Any, rows: Any) -> list[Result]:
+    def failing(
+        model: Any, adapter: Any, inputs: Any, rows: Any, cache: Any = None
+    ) -> list[Result]:
         calls.append(len(rows))
         if (inputs["attention_mask"].sum(dim=1) == bad_length).any():
             raise GenerationError("model.generate failed: simulated")
-        return real(model, adapter, inputs, rows)
+        return real(model, adapter, inputs, rows, cache)
 
     monkeypatch.setattr(engine, "generate", failing)
     results = gen.generate_batch(convs, max_new_tokens=3, batch_size=8, on_error="return")
@@ -439,7 +441,7 @@ def test_a_failing_row_is_bisected_out_and_the_cost_is_counted(
     assert len(calls) == 7  # 8, then 4+4, 2+2, 1+1: one bad row costs 2*log2(8)+1 calls
     calls.clear()
 
-    def broken(model: Any, adapter: Any, inputs: Any, rows: Any) -> list[Result]:
+    def broken(model: Any, adapter: Any, inputs: Any, rows: Any, cache: Any = None) -> list[Result]:
         calls.append(len(rows))
         raise GenerationError("model.generate failed: broken model")
 

@@ -144,11 +144,11 @@ def test_interrupt_inside_a_batch_leaves_the_generator_usable(
     real = engine.generate
     calls = {"n": 0}
 
-    def interrupted(*args: Any) -> Any:
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(engine, "generate", interrupted)
     with pytest.raises(KeyboardInterrupt):

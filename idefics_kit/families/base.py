@@ -47,9 +47,16 @@ class FamilyAdapter(ABC):
     model_type: ClassVar[str]
     """``config.model_type`` of the checkpoints this adapter serves."""
     banned_tokens: ClassVar[tuple[str, ...]] = _IMAGE_TOKENS
+    """Tokens the model may never generate (only those in the vocabulary count)."""
     replaced_by_features: ClassVar[tuple[str, ...]] = ()
     """Model inputs that :meth:`with_image_features` drops: not worth batching then."""
-    """Tokens the model may never generate (only those in the vocabulary count)."""
+    prefills_in_parts: ClassVar[bool] = False
+    """Whether a micro-batch's prefill may run in parts of similar length (``prefill``).
+
+    True where images enter as token embeddings and the prompt's KV cache is
+    all that decoding needs; IDEFICS 1's cross-attention also carries image
+    state from step to step.
+    """
 
     def __init__(self, processor: Any, generation_config: Any) -> None:
         self.processor = processor
@@ -138,6 +145,7 @@ class ChatTemplateAdapter(FamilyAdapter):
     """Families whose processor renders the model's own chat template."""
 
     replaced_by_features = ("pixel_values", "pixel_attention_mask")
+    prefills_in_parts = True
 
     def encode(self, conversations: Sequence[Conversation], images: Sequence[LoadedImages]) -> Any:
         batch = [
