@@ -150,6 +150,9 @@ def measure(
         )
     latencies: dict[str, list[float]] = {side: [] for side in SIDES}
     batches: dict[str, list[float]] = {side: [] for side in ("threads", "asyncio")}
+    # Seconds the worker ran the model: wall time minus this is waiting
+    # (for callers to prepare their next question, and handoffs).
+    busy: dict[str, list[float]] = {side: [] for side in ("threads", "asyncio", "ceiling")}
 
     def timed(side: str, make: Any) -> Any:
         def run() -> None:
@@ -158,6 +161,8 @@ def measure(
             after = gen.stats()
             if side in own:
                 latencies[side].extend(own[side].latencies)
+            if side in busy:
+                busy[side].append(after.busy_seconds - before.busy_seconds)
             if side in batches:
                 rows = after.rows - before.rows
                 batches[side].append(rows / max(1, after.batches - before.batches))
@@ -203,6 +208,9 @@ def measure(
             for side, values in latencies.items()
             if values
         },
+        "model_busy_s": {
+            side: round(statistics.median(values), 3) for side, values in busy.items() if values
+        },
         "mean_batch_size": {
             side: round(statistics.mean(values), 2) for side, values in batches.items() if values
         },
@@ -232,11 +240,20 @@ def report(row: dict[str, Any], runs: int, name: str, checkpoint: str) -> None:
     )
     print(
         _common.table(
-            ["side", "median s", "requests/s", "p50 latency s", "p95 latency s", "mean batch"],
+            [
+                "side",
+                "median s",
+                "model busy s",
+                "requests/s",
+                "p50 latency s",
+                "p95 latency s",
+                "mean batch",
+            ],
             [
                 [
                     side,
                     f"{row['times'][side]['median_s']:.2f}",
+                    row.get("model_busy_s", {}).get(side, "-"),
                     row["requests_per_s"][side],
                     row["latency_s"].get(side, {}).get("p50", "-"),
                     row["latency_s"].get(side, {}).get("p95", "-"),

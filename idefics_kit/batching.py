@@ -37,8 +37,10 @@ def plan(lengths: Sequence[int], groups: Sequence[object], batch_size: int) -> l
 
 
 MAX_PREFILL_PARTS = 4
-PREFILL_PART_COST = 0.125
+PREFILL_PART_COST = 0.0625
 """What one more prefill part must save, as a share of the batch's real prompt tokens."""
+_MAX_CUTS = 64
+"""Where parts may end: the split is exact up to this many distinct lengths."""
 
 
 def prefill_parts(lengths: Sequence[int]) -> list[list[int]]:
@@ -48,30 +50,40 @@ def prefill_parts(lengths: Sequence[int]) -> list[list[int]]:
     to the longest, and the prefill computes every padding position. Running
     the prefill in parts pads less; each extra part is one more forward pass,
     so a split must save more than :data:`PREFILL_PART_COST` of the real
-    tokens. The split is the cheapest by padded tokens (exact, by dynamic
-    programming over the sorted lengths), at most :data:`MAX_PREFILL_PARTS`.
+    tokens. The split is the cheapest by padded tokens, at most
+    :data:`MAX_PREFILL_PARTS` runs of the sorted lengths (dynamic programming;
+    exact up to 64 distinct lengths, beyond that parts end on every n-th one).
     """
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     ordered = [lengths[i] for i in order]
     count = len(order)
+    if count == 0:
+        return []
+    # A part never ends between two equal lengths: that cannot pad less.
+    ends = [i for i in range(1, count) if ordered[i] != ordered[i - 1]]
+    if len(ends) >= _MAX_CUTS:
+        ends = ends[:: -(-len(ends) // _MAX_CUTS)]
+    marks = [0, *ends, count]
     penalty = PREFILL_PART_COST * sum(ordered)
-    # cost[k][j]: the first j sorted rows in k parts; the k-th part ends at j.
+    # cost[k][m]: the rows before marks[m] in k parts, the last ending there.
     infinite = float("inf")
-    cost = [[infinite] * (count + 1) for _ in range(MAX_PREFILL_PARTS + 1)]
-    start = [[0] * (count + 1) for _ in range(MAX_PREFILL_PARTS + 1)]
+    cost = [[infinite] * len(marks) for _ in range(MAX_PREFILL_PARTS + 1)]
+    start = [[0] * len(marks) for _ in range(MAX_PREFILL_PARTS + 1)]
     cost[0][0] = 0.0
     for parts in range(1, MAX_PREFILL_PARTS + 1):
-        for end in range(parts, count + 1):
+        for end in range(parts, len(marks)):
+            longest = ordered[marks[end] - 1]
             for begin in range(parts - 1, end):
-                total = cost[parts - 1][begin] + (end - begin) * ordered[end - 1] + penalty
+                total = cost[parts - 1][begin] + (marks[end] - marks[begin]) * longest + penalty
                 if total < cost[parts][end]:
                     cost[parts][end], start[parts][end] = total, begin
-    best = min(range(1, min(MAX_PREFILL_PARTS, max(count, 1)) + 1), key=lambda k: cost[k][count])
+    last = len(marks) - 1
+    best = min(range(1, min(MAX_PREFILL_PARTS, last) + 1), key=lambda k: cost[k][last])
     split: list[list[int]] = []
-    end = count
+    end = last
     for parts in range(best, 0, -1):
         begin = start[parts][end]
-        split.append(order[begin:end])
+        split.append(order[marks[begin] : marks[end]])
         end = begin
     return split[::-1]
 

@@ -66,7 +66,8 @@ def joined(
 
     ``parts[k]`` are the rows (positions in the micro-batch) of ``caches[k]``.
     The padding added on the left is masked by the batch's attention mask,
-    like the padding the processors add.
+    like the padding the processors add. The parts' tensors are released
+    layer by layer, so the join holds at most one layer twice.
     """
     order = [row for part in parts for row in part]
     back = torch.empty(len(order), dtype=torch.long)
@@ -78,6 +79,9 @@ def joined(
             values = _left_padded([cache.layers[index].values for cache in caches], length)
             where = back.to(keys.device)
             layer.update(keys.index_select(0, where), values.index_select(0, where))
+            del keys, values
+            for cache in caches:
+                cache.layers[index].keys = cache.layers[index].values = None
     return result
 
 

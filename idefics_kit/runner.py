@@ -224,26 +224,43 @@ class Runner:
         return self.run(items[:half], rows[:half]) + self.run(items[half:], rows[half:])
 
     def _generate(self, items: Sequence[Prepared], rows: Sequence[engine.Row]) -> list[Result]:
-        parts = prefill_parts([item.length for item in items])
-        if len(parts) > 1 and self.adapter.prefills_in_parts:
-            whole = collate(
-                [
-                    {k: item.inputs[k] for k in ("input_ids", "attention_mask")}
-                    for item in items
-                    if item.inputs
-                ],
-                self.adapter.sequence_keys,
-            )
-            length = int(whole["input_ids"].shape[1])
-            last = set(whole["input_ids"][:, -1].tolist())
-            if prefill.joinable(self.model, length) and not last & set(
-                self.adapter.banned_token_ids
-            ):
-                caches = [self._prefill([items[i] for i in part]) for part in parts]
-                cache = prefill.joined(self.model, caches, parts, length - 1)
-                inputs = BatchFeature(whole).to(self.model.device)
-                return engine.generate(self.model, self.adapter, inputs, rows, cache=cache)
+        if self.adapter.prefills_in_parts:
+            parts = prefill_parts([item.length for item in items])
+            if len(parts) > 1:
+                done = self._in_parts(items, rows, parts)
+                if done is not None:
+                    return done
         return engine.generate(self.model, self.adapter, self._inputs(items), rows)
+
+    def _in_parts(
+        self, items: Sequence[Prepared], rows: Sequence[engine.Row], parts: list[list[int]]
+    ) -> list[Result] | None:
+        """Prefill ``parts`` one by one, then decode all rows as one batch.
+
+        None when these rows cannot: a sliding window shorter than the
+        prompts, or a prompt ending in an image slot (decoding starts from
+        each row's last prompt token, and its features are not passed again).
+        """
+        tokens = collate(
+            [
+                {key: item.inputs[key] for key in ("input_ids", "attention_mask")}
+                for item in items
+                if item.inputs
+            ],
+            self.adapter.sequence_keys,
+        )
+        length = int(tokens["input_ids"].shape[1])
+        last = set(tokens["input_ids"][:, -1].tolist())
+        if not prefill.joinable(self.model, length) or last & set(self.adapter.banned_token_ids):
+            return None
+        cache = prefill.joined(
+            self.model,
+            [self._prefill([items[i] for i in part]) for part in parts],
+            parts,
+            length - 1,
+        )
+        inputs = BatchFeature(tokens).to(self.model.device)
+        return engine.generate(self.model, self.adapter, inputs, rows, cache=cache)
 
     def _prefill(self, items: Sequence[Prepared]) -> Any:
         inputs = self._inputs(items)

@@ -188,3 +188,41 @@ def test_a_sliding_window_shorter_than_the_prompt_is_never_joined(
     assert prefill_module.joinable(gen.model, window - 1)
     assert not prefill_module.joinable(gen.model, window)
     assert prefill_module.joinable(generators["idefics3"].model, 100_000)  # Llama: no window
+
+
+def test_prefill_parts_of_a_large_batch_stay_cheap_and_whole() -> None:
+    rng = random.Random(7)
+    lengths = [rng.randint(10, 3000) for _ in range(256)]  # cuts limited to 64 places
+    parts = prefill_parts(lengths)
+    assert sorted(i for part in parts for i in part) == list(range(256))
+    assert 1 < len(parts) <= MAX_PREFILL_PARTS
+    for first, second in itertools.pairwise(parts):
+        assert max(lengths[i] for i in first) <= min(lengths[i] for i in second)
+    assert padded_cost(lengths, parts) < padded_cost(lengths, [list(range(256))])
+
+
+def test_a_batch_that_cannot_prefill_in_parts_runs_in_one_piece(
+    generators: dict[str, Generator], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gen = fresh(generators["smolvlm"])
+    convs = [conv for conv, _ in SPREAD]
+    lone = [gen.generate(conv, max_new_tokens=5) for conv in convs]
+    sizes = counted_parts(monkeypatch)
+    assert gen.generate_batch(convs, max_new_tokens=5, batch_size=8) == lone
+    assert sizes
+    # A sliding window shorter than the prompts.
+    sizes.clear()
+    monkeypatch.setattr(prefill_module, "joinable", lambda model, length: False)
+    assert gen.generate_batch(convs, max_new_tokens=5, batch_size=8) == lone
+    assert sizes == []
+    # A prompt ending in an image slot: decoding starts from each row's last
+    # prompt token, and an image slot's features would not be passed again.
+    monkeypatch.undo()
+    sizes = counted_parts(monkeypatch)
+    last = {gen.prompt_token_ids(conv)[-1] for conv in convs}
+    adapter = gen._adapter
+    monkeypatch.setattr(adapter, "banned_token_ids", (*adapter.banned_token_ids, *last))
+    lone = [gen.generate(conv, max_new_tokens=5) for conv in convs]  # bans those too now
+    assert gen.generate_batch(convs, max_new_tokens=5, batch_size=8) == lone
+    assert sizes == []
+    gen.close()
