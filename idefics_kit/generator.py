@@ -468,7 +468,7 @@ class Generator:
 
         async def answer() -> Result:
             future, settle = _future()
-            request = await asyncio.to_thread(self._arrive, conversation, resolved, settle)
+            request = await self._arrive_off_loop(conversation, resolved, settle)
             return await _settled(future, request)
 
         result = await _within(answer(), timeout)
@@ -495,7 +495,7 @@ class Generator:
         _deadline(timeout)
 
         async def submit(stream: AsyncTextStream) -> Request:
-            return await asyncio.to_thread(self._arrive, conversation, resolved, *stream._hooks())
+            return await self._arrive_off_loop(conversation, resolved, *stream._hooks())
 
         return AsyncTextStream(TextDecoder(self._adapter, resolved), timeout, submit)
 
@@ -543,6 +543,23 @@ class Generator:
         return await _within(answer(), timeout)
 
     # -- internals -------------------------------------------------------------
+
+    async def _arrive_off_loop(
+        self,
+        conversation: Conversation,
+        options: GenerationOptions,
+        on_done: Callable[[Outcome], None],
+        on_token: Callable[[int], None] | None = None,
+    ) -> Request:
+        """:meth:`_arrive` in asyncio's default executor, counted as arriving from now on.
+
+        The executor has a few threads; a call still waiting for one has not
+        started preparing, yet the model's worker must wait for it as for a
+        call being prepared, or it starts a batch without it (16 tasks
+        answered at once made batches of 15.4 rows on average, not 16).
+        """
+        with self._scheduler.arriving():
+            return await asyncio.to_thread(self._arrive, conversation, options, on_done, on_token)
 
     def _arrive(
         self,

@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -243,6 +244,24 @@ def test_the_event_loop_keeps_ticking_while_the_model_runs(
         return max(gaps)
 
     assert asyncio.run(main()) < 0.25
+
+
+def test_async_calls_waiting_for_an_executor_thread_share_one_batch(
+    generators: dict[str, Generator],
+) -> None:
+    # With one executor thread, the calls prepare one after another; each
+    # counts as arriving from its call on, so the worker waits for them all.
+    gen = fresh(generators["idefics2"], max_batch_size=8)
+    convs = [SHORT, LONG, TWO, SHORT, LONG, TWO]
+
+    async def main() -> list[Result]:
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=1))
+        return await asyncio.gather(*(gen.agenerate(c, max_new_tokens=3) for c in convs))
+
+    results = asyncio.run(main())
+    assert results == [generators["idefics2"].generate(c, max_new_tokens=3) for c in convs]
+    assert (gen.stats().batches, gen.stats().rows) == (1, len(convs))
+    gen.close()
 
 
 async def _drain(stream: Any) -> str:
