@@ -95,17 +95,24 @@ def in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
     return thread, box
 
 
+def answered_together(
+    gen: Generator, cases: list[tuple[Conversation, dict[str, Any]]]
+) -> list[Result]:
+    """Each case asked from its own thread, all queued before the worker takes any."""
+    with held(gen):
+        started = [
+            in_thread(lambda c=conv, o=options: gen.generate(c, **o)) for conv, options in cases
+        ]
+        wait_until(lambda: gen.stats().queued == len(cases))
+    for thread, _ in started:
+        thread.join(60)
+    return [box["value"] for _, box in started]
+
+
 def test_rows_with_different_options_share_a_batch_and_match_lone_calls(gen: Generator) -> None:
     lone = [gen.generate(conv, **options) for conv, options in MIXED]
     shared = fresh(gen, max_batch_size=8)
-    with held(shared):
-        started = [
-            in_thread(lambda c=conv, o=options: shared.generate(c, **o)) for conv, options in MIXED
-        ]
-        wait_until(lambda: shared.stats().queued == len(MIXED))
-    for thread, _ in started:
-        thread.join(60)
-    assert [box["value"] for _, box in started] == lone
+    assert answered_together(shared, MIXED) == lone
     stats = shared.stats()
     # One group (image conversations) within max_batch_size: one micro-batch.
     assert (stats.batches, stats.rows) == (1, len(MIXED))  # the holding call is no batch

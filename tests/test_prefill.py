@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 
-from idefics_kit import Conversation, GenerationError, GenerationOptions, Generator, Result, engine
+from idefics_kit import Conversation, GenerationError, GenerationOptions, Generator, engine
 from idefics_kit import prefill as prefill_module
 from idefics_kit.batching import MAX_PREFILL_PARTS, PREFILL_PART_COST, prefill_parts
 from idefics_kit.runner import Runner, prepare
 from tests.conftest import picture
-from tests.test_concurrency import fresh, held, in_thread, wait_until
+from tests.test_concurrency import answered_together, fresh, held, wait_until
 
 IMG_A = picture(40, 30, seed=21)
 IMG_B = picture(64, 48, seed=22)
@@ -101,14 +101,7 @@ def test_rows_of_spread_lengths_match_their_lone_calls(
     assert len(prefill_parts(lengths)) > 1, lengths  # the case under test
     sizes = counted_parts(monkeypatch)
     shared = fresh(gen, max_batch_size=8, vision_cache_mb=vision_cache_mb)
-    with held(shared):
-        started = [
-            in_thread(lambda c=conv, o=options: shared.generate(c, **o)) for conv, options in SPREAD
-        ]
-        wait_until(lambda: shared.stats().queued == len(SPREAD))
-    for thread, _ in started:
-        thread.join(60)
-    got: list[Result] = [box["value"] for _, box in started]
+    got = answered_together(shared, SPREAD)
     assert shared.stats().batches == 1
     shared.close()
     if family == "idefics":
