@@ -176,6 +176,11 @@ def ray_run(ray_address: str, job: dict[str, Any]) -> dict[str, Any]:
         pids = _actor_pids()
         if killed:
             after.update(pids)
+            if not after - before:
+                # The surviving actor can finish every row before the restarted
+                # one is up: hold the driver briefly (at most ~10 s in all)
+                # until the restart shows.
+                time.sleep(0.05)
         elif pids:
             before.update(pids)
             killed.append(min(pids))
