@@ -285,6 +285,77 @@ def interleaved(
     )
 
 
+@dataclass
+class Bracketed:
+    """Each side's runs against the reference runs just before and after each of them."""
+
+    seconds: dict[str, list[float]]
+    """Seconds per run of each side, the reference included."""
+    shares: dict[str, list[float]]
+    """Per run of a side: mean seconds of its two bracketing reference runs / its seconds."""
+    foreign_cpu_share: float
+    rejected_runs: int
+
+
+def bracketed(
+    reference: tuple[str, Callable[[], object]],
+    sides: Mapping[str, Callable[[], object]],
+    runs: int,
+    max_foreign: float = 0.2,
+    patience_s: float = 120.0,
+) -> Bracketed:
+    """Time ``runs`` runs of each side, each between two runs of ``reference``.
+
+    The order is R A R B R A R B ... R: every side run is compared with the
+    mean of the reference runs on either side of it, which cancels a slow
+    drift of the machine and keeps a side and its reference seconds apart
+    (in :func:`interleaved` rounds, long sides run between them). A side run
+    during which other processes used more than ``max_foreign`` of the CPUs
+    is run again, with its following reference run (at most ``2 * runs``
+    times, or for ``patience_s`` seconds).
+    """
+    ref_name, ref = reference
+    names = list(sides)
+    seconds: dict[str, list[float]] = {name: [] for name in [ref_name, *names]}
+    shares: dict[str, list[float]] = {name: [] for name in names}
+    loads: list[float] = []
+    rejected = 0
+    deadline = time.monotonic() + patience_s
+
+    def timed(fn: Callable[[], object]) -> tuple[float, float]:
+        gc.collect()
+        with ForeignLoad() as load:
+            start = time.perf_counter()
+            fn()
+            taken = time.perf_counter() - start
+        return taken, load.share
+
+    before, _ = timed(ref)
+    seconds[ref_name].append(before)
+    for slot in range(runs * len(names)):
+        name = names[slot % len(names)]
+        while True:
+            taken, load = timed(sides[name])
+            after, after_load = timed(ref)
+            noisy = max(load, after_load) > max_foreign
+            if noisy and rejected < 2 * runs and time.monotonic() < deadline:
+                rejected += 1
+                before = after
+                continue
+            break
+        loads.append(load)
+        seconds[name].append(taken)
+        seconds[ref_name].append(after)
+        shares[name].append((before + after) / 2 / taken)
+        before = after
+    return Bracketed(
+        seconds=seconds,
+        shares=shares,
+        foreign_cpu_share=round(statistics.mean(loads), 3) if loads else 0.0,
+        rejected_runs=rejected,
+    )
+
+
 class ForeignLoad:
     """Share of the machine's CPU time used by other processes while the block ran.
 

@@ -34,6 +34,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 timed runs instead of 3")
     args = parser.parse_args()
     runs = 1 if args.cpu_smoke else (2 if args.quick else 3)
+    share_runs = 1 if args.cpu_smoke else (3 if args.quick else 6)
     if not args.cpu_smoke and not torch.cuda.is_available():
         sys.exit("bench_concurrency_gpu.py: no CUDA device; use --cpu-smoke here")
     device = "cpu" if args.cpu_smoke else "cuda"
@@ -52,10 +53,13 @@ def main() -> None:
         model = bench_gpu_idefics2.build_model(config, device, dtype, stop_ids)
         gen = Generator.from_model(model, processor, max_batch_size=bench_concurrency.BATCH)
         contents = make_contents(bench_concurrency.COUNT, seed=5)
-        row = bench_concurrency.measure(gen, _common.Reference(gen, "idefics2"), contents, runs)
+        row = bench_concurrency.measure(
+            gen, _common.Reference(gen, "idefics2"), contents, runs, share_runs
+        )
     bench_concurrency.report(
         row,
         runs,
+        share_runs,
         "concurrency_gpu_smoke" if args.cpu_smoke else "concurrency_gpu",
         "idefics2-8b architecture, random weights, "
         + ("scaled down, float32, CPU (smoke)" if args.cpu_smoke else "bfloat16, CUDA"),

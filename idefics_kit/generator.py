@@ -721,6 +721,27 @@ class Generator:
             results.append(self._scheduler.call(functools.partial(self._score, item, listed)))
         return results
 
+    async def ascore(self, conversation: Conversation, choices: Sequence[str]) -> list[ChoiceScore]:
+        """:meth:`score` for asyncio; the event loop is never blocked.
+
+        The conversation is prepared in a worker thread and scored on the
+        model's worker between micro-batches. A scoring pass that has started
+        runs to its end (one prompt pass and the choices' passes) even if the
+        awaiting task is cancelled; its result is then dropped.
+        """
+        return (await self.ascore_batch([conversation], choices))[0]
+
+    async def ascore_batch(
+        self,
+        conversations: Iterable[Conversation],
+        choices: Sequence[str] | Sequence[Sequence[str]],
+        *,
+        on_error: OnError = "raise",
+    ) -> list[list[ChoiceScore]]:
+        """:meth:`score_batch` for asyncio: same rules, one list of scores per conversation."""
+        items = list(conversations)
+        return await asyncio.to_thread(self.score_batch, items, choices, on_error=on_error)
+
     def _score(self, item: Prepared, choices: tuple[str, ...]) -> list[ChoiceScore]:
         # On the worker thread, between micro-batches.
         encoded: dict[str, Any] = dict(item.inputs or {})

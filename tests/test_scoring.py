@@ -8,6 +8,7 @@ log-softmax of the logits before each of its tokens.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import Iterator
@@ -17,7 +18,13 @@ import pytest
 import torch
 from transformers import BatchFeature
 
-from idefics_kit import ChoiceScore, Conversation, Generator, InvalidParameterError
+from idefics_kit import (
+    ChoiceScore,
+    Conversation,
+    ConversationError,
+    Generator,
+    InvalidParameterError,
+)
 from idefics_kit.scoring import choice_token_ids, score
 from tests.conftest import picture
 
@@ -164,3 +171,46 @@ def test_score_batch_checks_everything_before_model_work(generators: dict[str, G
     results = gen.score_batch([CASES["text_only"], Conversation()], ["red"], on_error="return")
     assert len(results[0]) == 1
     assert results[1] == []
+
+
+def test_ascore_equals_score_and_keeps_the_event_loop_free(gen: Generator) -> None:
+    conversation = CASES["two_images"]
+    expected = gen.score(conversation, CHOICES)
+    expected_batch = gen.score_batch(
+        [CASES["one_image"], Conversation()], ["red", "no"], on_error="return"
+    )
+
+    async def scored() -> tuple[list[ChoiceScore], list[list[ChoiceScore]], int]:
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def heartbeat() -> None:
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0.001)
+
+        beating = asyncio.create_task(heartbeat())
+        await asyncio.sleep(0)
+        try:
+            one = await gen.ascore(conversation, CHOICES)
+            many = await gen.ascore_batch(
+                [CASES["one_image"], Conversation()], ["red", "no"], on_error="return"
+            )
+        finally:
+            stop.set()
+            await beating
+        return one, many, ticks
+
+    one, many, ticks = asyncio.run(scored())
+    assert one == expected
+    assert many == expected_batch
+    assert many[1] == []
+    assert ticks > 1  # the loop ran while the model scored
+
+
+def test_ascore_raises_what_score_raises(gen: Generator) -> None:
+    with pytest.raises(InvalidParameterError, match="cannot be written"):
+        asyncio.run(gen.ascore(CASES["text_only"], ["red", "<image>"]))
+    with pytest.raises(ConversationError):
+        asyncio.run(gen.ascore_batch([Conversation()], ["red"]))
