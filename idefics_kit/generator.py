@@ -725,9 +725,9 @@ class Generator:
         """:meth:`score` for asyncio; the event loop is never blocked.
 
         The conversation is prepared in a worker thread and scored on the
-        model's worker between micro-batches. A scoring pass that has started
-        runs to its end (one prompt pass and the choices' passes) even if the
-        awaiting task is cancelled; its result is then dropped.
+        model's worker between micro-batches. Cancelling the awaiting task
+        does not stop the scoring (one prompt pass and the choices' passes):
+        it still runs, and its result is dropped.
         """
         return (await self.ascore_batch([conversation], choices))[0]
 
