@@ -12,12 +12,14 @@ local ``idefics-kit batch`` command writes for the same file.
 from __future__ import annotations
 
 import base64
+import http.server
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -281,53 +283,107 @@ def test_a_killed_actor_is_restarted_and_nothing_is_lost_or_duplicated(
     assert len({_key(row) for row in ray_run["rows"]}) == len(job["local"])
 
 
+class _SlowImages(http.server.ThreadingHTTPServer):
+    """Loopback image server; each answer waits ``delay`` s until ``fast`` is set."""
+
+    daemon_threads = True
+
+    def __init__(self, images: dict[str, bytes], delay: float) -> None:
+        super().__init__(("127.0.0.1", 0), _SlowImageHandler)
+        self.images, self.delay, self.fast = images, delay, threading.Event()
+
+    def url(self, name: str) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/{name}"
+
+
+class _SlowImageHandler(http.server.BaseHTTPRequestHandler):
+    server: _SlowImages
+
+    def do_GET(self) -> None:
+        self.server.fast.wait(self.server.delay)
+        body = self.server.images[self.path.lstrip("/")]
+        self.send_response(200)
+        self.send_header("Content-Type", "image/png")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+def _image_bytes(block: dict[str, str]) -> bytes:
+    if "path" in block:
+        return Path(block["path"]).read_bytes()
+    return base64.b64decode(block["base64"].split(",", 1)[1])
+
+
 def test_an_interrupted_cli_job_rerun_ends_with_every_id_once(
     ray_address: str, job: dict[str, Any], tmp_path: Path
 ) -> None:
-    # Enough rows that the job is far from done when its first row shows: Ray
-    # delivers results in bursts, and 48 rows once all came in one (CI, exit 0).
-    rows = job["rows"][:120]
-    input_path = _write_jsonl(tmp_path / "in.jsonl", rows)
-    output = tmp_path / "out"
-    command = [
-        sys.executable,
-        "-m",
-        "idefics_kit",
-        "batch",
-        "--ray",
-        "--ray-address",
-        ray_address,
-        "--actors",
-        "2",
-        "--cpus-per-actor",
-        "1",
-        "--rows-per-task",
-        "4",
-        "--quiet",
-        str(input_path),
-        "-o",
-        str(output),
-    ]
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen(
-        command, env=environment, stderr=subprocess.PIPE, text=True, cwd=ROOT
-    )
-    part = output / "part-00000.jsonl"
-    deadline = time.monotonic() + 150
-    while time.monotonic() < deadline and process.poll() is None:
-        if part.exists() and part.read_text().count("\n") >= 1:
-            break
-        time.sleep(0.05)
-    assert process.poll() is None, f"the job ended before it could be interrupted: {process.stderr}"
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130, stderr
-    assert "interrupted;" in stderr
-    assert "rerun the same command to resume" in stderr
-    first = _part_rows(output)
-    assert 0 < len(first) < len(rows)
+    # The toy answers 100+ rows a second, and Ray hands results over in bursts: a
+    # job of local images could be done before the signal lands (CI, exit 0). Its
+    # images come from a loopback server that takes 1 s an answer until the CLI has
+    # exited, so the job is seconds from done whenever its first row shows.
+    rows = [dict(row) for row in job["rows"][:60] if row["id"].startswith("g")]
+    images: dict[str, bytes] = {}
+    with _SlowImages(images, delay=1.0) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        for row in rows:
+            row["messages"] = json.loads(json.dumps(row["messages"]))  # a copy
+            for block in row["messages"][0]["content"]:
+                if block["type"] == "image":
+                    name = f"{row['id']}-{len(images)}.png"
+                    images[name] = _image_bytes(block)
+                    block.clear()
+                    block.update(type="image", url=server.url(name))
+        input_path = _write_jsonl(tmp_path / "in.jsonl", rows)
+        output = tmp_path / "out"
+        command = [
+            sys.executable,
+            "-m",
+            "idefics_kit",
+            "batch",
+            "--ray",
+            "--ray-address",
+            ray_address,
+            "--actors",
+            "2",
+            "--cpus-per-actor",
+            "1",
+            "--rows-per-task",
+            "4",
+            "--allow-private-network",
+            "--quiet",
+            str(input_path),
+            "-o",
+            str(output),
+        ]
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        process = subprocess.Popen(
+            command, env=environment, stderr=subprocess.PIPE, text=True, cwd=ROOT
+        )
+        part = output / "part-00000.jsonl"
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline and process.poll() is None:
+            if part.exists() and part.read_text().count("\n") >= 1:
+                break
+            time.sleep(0.05)
+        assert process.poll() is None, (
+            f"the job ended before it could be interrupted: {process.stderr}"
+        )
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+        server.fast.set()
+        assert process.returncode == 130, stderr
+        assert "interrupted;" in stderr
+        assert "rerun the same command to resume" in stderr
+        first = _part_rows(output)
+        assert 0 < len(first) < len(rows)
 
-    summary = run_batch(input_path, output, actors=1, num_cpus_per_actor=1)
+        summary = run_batch(
+            input_path, output, actors=1, num_cpus_per_actor=1, allow_private_network=True
+        )
     assert summary.already_done == len(first)
     got = _by_key(_part_rows(output))
     assert set(got) == {row["id"] for row in rows}
