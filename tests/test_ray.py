@@ -295,6 +295,18 @@ class _SlowImages(http.server.ThreadingHTTPServer):
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.server_address[1]}/{name}"
 
+    def __enter__(self) -> _SlowImages:
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.fast.set()
+        self.shutdown()
+        self.server_close()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # an actor stopped with the interrupted CLI hangs up mid-answer
+
 
 class _SlowImageHandler(http.server.BaseHTTPRequestHandler):
     server: _SlowImages
@@ -328,7 +340,6 @@ def test_an_interrupted_cli_job_rerun_ends_with_every_id_once(
     rows = [dict(row) for row in job["rows"][:60] if row["id"].startswith("g")]
     images: dict[str, bytes] = {}
     with _SlowImages(images, delay=1.0) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
         for row in rows:
             row["messages"] = json.loads(json.dumps(row["messages"]))  # a copy
             for block in row["messages"][0]["content"]:
