@@ -26,11 +26,11 @@ from typing import Any, Literal, TypeVar
 import torch
 from transformers import BatchFeature
 
-from idefics_kit import runner, scoring, structured
+from idefics_kit import loading, runner, scoring, structured
 from idefics_kit._vocab import logits_width, vocabulary
 from idefics_kit.batching import plan
 from idefics_kit.conversation import Conversation
-from idefics_kit.devices import DeviceLike, DTypeLike, resolve_device, resolve_dtype
+from idefics_kit.devices import DeviceLike, DTypeLike
 from idefics_kit.engine import TextDecoder
 from idefics_kit.errors import (
     ConversationError,
@@ -38,15 +38,13 @@ from idefics_kit.errors import (
     ModelLoadError,
     RequestTimeoutError,
 )
-from idefics_kit.families import ADAPTERS, Family, FamilyAdapter, adapter_for
+from idefics_kit.families import Family, FamilyAdapter
 from idefics_kit.options import GenerationOptions
 from idefics_kit.progress import ProgressBar
 from idefics_kit.results import ChoiceScore, Result
 from idefics_kit.runner import OnError, Prepared
 from idefics_kit.scheduler import Outcome, Request, Scheduler, SchedulerStats
 from idefics_kit.streams import AsyncTextStream, TextStream
-from idefics_kit.toy import TOY_MODEL
-from idefics_kit.toy import checkpoint_path as toy_checkpoint_path
 from idefics_kit.vision_cache import VisionCache, VisionCacheStats
 
 __all__ = ["Generator"]
@@ -154,56 +152,18 @@ class Generator:
         ``allow_pickle=True`` (for checkpoints you trust). Custom model code
         from a checkpoint (``trust_remote_code``) is never run.
         """
-        from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
-
-        name = _resolve_name(os.fspath(model_id))
-        target = resolve_device(device) if device_map is None else None
-        torch_dtype = resolve_dtype(dtype, target or resolve_device("auto"))
-        hub: dict[str, Any] = {
-            "revision": revision,
-            "token": token,
-            "cache_dir": cache_dir,
-            "local_files_only": local_files_only,
-        }
-        if _looks_local(name) and not os.path.isdir(name):
-            raise ModelLoadError(
-                f"no checkpoint folder at {name!r}: pass an existing folder holding "
-                "config.json, or a hub id such as 'HuggingFaceM4/idefics2-8b'"
-            )
-        try:
-            config = AutoConfig.from_pretrained(name, trust_remote_code=False, **hub)
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load a model config from {name!r}: {exc}") from exc
-        adapter_cls = _adapter_class(config.model_type, name)
-        try:
-            processor = AutoProcessor.from_pretrained(name, trust_remote_code=False, **hub)
-        except ImportError as exc:
-            raise ModelLoadError(
-                f"the {adapter_cls.family} processor of {name!r} needs packages that are not "
-                f"installed: {exc}. Install them with: pip install 'idefics-kit[smolvlm]'"
-            ) from exc
-        except (OSError, ValueError) as exc:
-            raise ModelLoadError(f"cannot load the processor of {name!r}: {exc}") from exc
-        try:
-            model = AutoModelForImageTextToText.from_pretrained(
-                name,
-                dtype=torch_dtype,
-                device_map=device_map,
-                attn_implementation=attn_implementation,
-                use_safetensors=None if allow_pickle else True,
-                trust_remote_code=False,
-                **hub,
-            )
-        except (OSError, ValueError) as exc:
-            if not allow_pickle and _has_only_pickle_weights(name):
-                raise ModelLoadError(
-                    f"{name!r} has only pickled .bin weights and no safetensors; loading pickle "
-                    "can run arbitrary code. Convert it to safetensors, or pass "
-                    "allow_pickle=True if you trust this checkpoint"
-                ) from exc
-            raise ModelLoadError(f"cannot load the weights of {name!r}: {exc}") from exc
-        if target is not None:
-            model.to(target)
+        model, processor = loading.load_pretrained(
+            model_id,
+            device=device,
+            dtype=dtype,
+            revision=revision,
+            token=token,
+            cache_dir=cache_dir,
+            local_files_only=local_files_only,
+            device_map=device_map,
+            attn_implementation=attn_implementation,
+            allow_pickle=allow_pickle,
+        )
         return cls.from_model(
             model,
             processor,
@@ -230,7 +190,7 @@ class Generator:
         mode. The scheduling keywords are those of :meth:`from_pretrained`.
         """
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        adapter_cls = _adapter_class(str(model_type), type(model).__name__)
+        adapter_cls = loading.adapter_class(str(model_type), type(model).__name__)
         if getattr(processor, "tokenizer", None) is None:
             raise ModelLoadError(
                 f"processor {type(processor).__name__} has no tokenizer; pass the model's "
@@ -307,6 +267,14 @@ class Generator:
     def closed(self) -> bool:
         """True once :meth:`close` was called."""
         return self._scheduler.closed
+
+    @property
+    def ready(self) -> bool:
+        """True while the Generator can take work: not closed and its worker alive.
+
+        A server's health check answers from it (``/health`` is 503 when False).
+        """
+        return not self._scheduler.closed
 
     def __enter__(self) -> Generator:
         return self
@@ -928,39 +896,6 @@ async def _within(awaitable: abc.Coroutine[Any, Any, T], timeout: float | None) 
         return await asyncio.wait_for(awaitable, timeout)
     except asyncio.TimeoutError:
         raise _timeout_error(timeout) from None
-
-
-def _has_only_pickle_weights(name: str) -> bool:
-    if not os.path.isdir(name):
-        return False
-    files = os.listdir(name)
-    return any(f.endswith(".bin") for f in files) and not any(
-        f.endswith(".safetensors") for f in files
-    )
-
-
-def _resolve_name(name: str) -> str:
-    if name != TOY_MODEL:
-        return name
-    try:
-        return os.fspath(toy_checkpoint_path())
-    except FileNotFoundError as exc:
-        raise ModelLoadError(f"cannot load the built-in toy model: {exc}") from exc
-
-
-def _looks_local(name: str) -> bool:
-    # Hub ids are "owner/name"; anything path-like is meant as a folder.
-    return name.startswith((".", "~", os.sep)) or name.count("/") > 1 or os.path.exists(name)
-
-
-def _adapter_class(model_type: str, name: str) -> type[FamilyAdapter]:
-    adapter_cls = adapter_for(model_type)
-    if adapter_cls is None:
-        raise ModelLoadError(
-            f"{name!r} is a {model_type!r} model, not an IDEFICS-family one; supported "
-            f"model types: {', '.join(ADAPTERS)}"
-        )
-    return adapter_cls
 
 
 def _choices_per_conversation(choices: object, count: int) -> list[tuple[str, ...]]:
