@@ -12,6 +12,7 @@ from idefics_kit.conversation import Conversation, TextPart, Turn
 from idefics_kit.errors import (
     ConversationError,
     DeviceError,
+    EngineFailedError,
     GenerationError,
     GeneratorClosedError,
     IdeficsKitError,
@@ -41,6 +42,7 @@ __all__ = [
     "Conversation",
     "ConversationError",
     "DeviceError",
+    "EngineFailedError",
     "Family",
     "FinishReason",
     "GenerationError",

@@ -1,16 +1,25 @@
-"""The only module that calls ``model.generate``.
+"""The decode loop: rows join and leave a running batch, one token per row per step.
 
-One micro-batch is a list of :class:`Row` values, each with options of its
-own: the batch runs to the largest ``max_new_tokens`` and each row stops at
-its own limit, stop strings, or cancellation; greedy and (seeded) sampled
-rows, and rows with different repetition penalties, decode side by side.
-Everything per row is computed from that row alone (its own sampling
-generator, its own penalty over its own tokens, padding excluded), so a row's
-tokens do not depend on what shares its batch.
+:class:`Engine` owns the model's running batch (:class:`~idefics_kit.kv.BatchCache`)
+and its :class:`Row` values, one per request being answered. The scheduler's
+worker drives it:
 
-Logits processors run in this order: the log-probability capture (raw
-scores), the ban on image tokens, each row's grammar constraint, the per-row
-repetition penalty, the per-row sampler.
+- :meth:`Engine.admit` prefills new rows (images included, in parts of
+  similar prompt length for families whose images enter as token
+  embeddings), picks each one's first token and joins their caches to the
+  running batch;
+- :meth:`Engine.step` feeds every running row its last token and picks the
+  next one;
+- :meth:`Engine.evict` removes the rows that finished or were cancelled and
+  hands back their results at once.
+
+Everything per row is computed from that row alone, in this order: the
+log-probability capture (the model's raw scores), the ban on image and tile
+tokens, the row's grammar constraint, its repetition penalty over its own
+tokens, then its sampler (its own ``torch.Generator``) or argmax. So a row's
+tokens do not depend on what shares its batch, nor on when it joined. The
+forward passes are those ``model.generate`` runs (same inputs, same position
+ids, ``logits_to_keep=1``), so a lone row gets ``generate``'s tokens.
 
 Results and streams share :func:`finish`, and a streaming row's
 :class:`TextDecoder` emits only prefixes of ``finish``'s text, so a stream's
@@ -19,33 +28,30 @@ pieces always join to the final text.
 
 from __future__ import annotations
 
+import inspect
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import (
-    LogitsProcessor,
-    LogitsProcessorList,
-    StoppingCriteria,
-    StoppingCriteriaList,
-)
+from transformers import BatchFeature, DynamicCache
 from transformers.generation.logits_process import (
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.generation.streamers import BaseStreamer
 
 from idefics_kit import structured
 from idefics_kit._vocab import Vocabulary, logits_width, vocabulary
+from idefics_kit.batching import prefill_parts
 from idefics_kit.errors import GenerationError
 from idefics_kit.families.base import FamilyAdapter
+from idefics_kit.kv import BatchCache, joinable
 from idefics_kit.options import GenerationOptions
 from idefics_kit.results import FinishReason, Result, TokenLogprob, Usage
 
-__all__ = ["Finished", "Row", "TextDecoder", "finish", "generate"]
+__all__ = ["Engine", "Finished", "Row", "TextDecoder", "finish"]
 
 # Rows are checked for stop strings on this many trailing tokens beyond the
 # longest stop string: enough for every token to add at least one character
@@ -102,177 +108,348 @@ def _never() -> bool:
     return False
 
 
-@dataclass(slots=True, kw_only=True)
+@dataclass(slots=True, kw_only=True, eq=False)
 class Row:
-    """One conversation of a micro-batch: its options, and its caller's hooks.
+    """One request's row in the running batch: its options, hooks and progress.
 
-    ``on_token`` (streams) gets each generated token id as soon as the step
-    that made it ends; ``cancelled`` is polled after every step, and a row
-    for which it returns True stops there without touching the others.
+    ``on_token`` (streams) gets each generated token id at the step that
+    made it; ``cancelled`` is polled after every step, and a row for which it
+    returns True leaves the batch there without touching the others.
+    ``seed`` draws a sampled row's numbers (``options.seed``, else one drawn
+    once per request, so a row restarted after an out-of-memory preemption
+    draws the same tokens). ``skip`` tokens are not handed to ``on_token``
+    again (they were, before a restart).
     """
 
     options: GenerationOptions
     on_token: Callable[[int], None] | None = None
     cancelled: Callable[[], bool] = field(default=_never)
+    owner: object = None
+    seed: int | None = None
+    skip: int = 0
+    prompt_tokens: int = 0
+    generated: list[int] = field(default_factory=list)
+    done: bool = False
+    _prompt_ids: torch.Tensor | None = None
+    _sampler: tuple[list[Any], torch.Generator] | None = None
+    _constraint: structured.RowConstraint | None = None
+    _logprobs: list[TokenLogprob] | None = None
+    _window: int = 0
+
+    @property
+    def finished(self) -> bool:
+        """True once the row needs no more steps (done, or cancelled by its caller)."""
+        return self.done or self.cancelled()
 
 
-class _RowStops(StoppingCriteria):  # type: ignore[misc]
-    """Ends each row at its own ``max_new_tokens``, stop strings or cancellation."""
+class Engine:
+    """The running batch of one model; only the scheduler's worker thread calls it.
 
-    def __init__(self, adapter: FamilyAdapter, rows: Sequence[Row], prompt_length: int) -> None:
+    ``inputs`` turns prepared items into model inputs on the model's device
+    (collated, left-padded, image features from the vision cache).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        adapter: FamilyAdapter,
+        inputs: Callable[[Sequence[Any]], BatchFeature],
+    ) -> None:
+        self.model = model
         self.adapter = adapter
-        self.rows = rows
-        self.prompt_length = prompt_length
-        self.finished = [False] * len(rows)
-        self.windows = [
-            max(len(s) for s in row.options.stop) + _STOP_WINDOW_SLACK if row.options.stop else 0
-            for row in rows
-        ]
+        self._inputs = inputs
+        self.rows: list[Row] = []
+        self._state: BatchCache | None = None
+        self._tokens: torch.Tensor | None = None
+        self._stop_ids = frozenset(adapter.stop_token_ids)
+        self._banned = list(adapter.banned_token_ids)
+        self._vocab: Vocabulary | None = None
+        self._keep_one = "logits_to_keep" in inspect.signature(model.forward).parameters
 
-    def __call__(
-        self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any
-    ) -> torch.Tensor:
-        made = input_ids.shape[1] - self.prompt_length
-        for index, row in enumerate(self.rows):
-            if self.finished[index]:
-                continue
-            options = row.options
-            if made >= options.max_new_tokens or row.cancelled():
-                self.finished[index] = True
-            elif options.stop:
-                start = max(self.prompt_length, input_ids.shape[1] - self.windows[index])
-                tail = self.adapter.decode(input_ids[index, start:].tolist())
-                self.finished[index] = _find_stop(tail, options.stop) is not None
-        return torch.tensor(self.finished, dtype=torch.bool, device=input_ids.device)
+    @property
+    def columns(self) -> int:
+        """The running batch's length in tokens (padding included); 0 when empty."""
+        return 0 if self._state is None else self._state.columns
 
+    def joinable(self, length: int) -> bool:
+        """Whether rows up to ``length`` tokens (prompt, answer and padding) can share the batch."""
+        return joinable(self.model, length)
 
-class _RowRepetitionPenalty(LogitsProcessor):  # type: ignore[misc]
-    """transformers' repetition penalty, per row, over the row's own tokens only.
+    # -- admission -----------------------------------------------------------------
 
-    transformers' processor takes one penalty for the batch and also counts
-    the left padding, which makes a row's answer depend on its batch.
-    """
+    def admit(self, items: Sequence[Any], rows: Sequence[Row]) -> None:
+        """Prefill ``items`` (prepared conversations) and add them as ``rows`` to the batch.
 
-    def __init__(self, rows: Sequence[Row], padding: Sequence[int], device: torch.device) -> None:
-        self.penalty = torch.tensor(
-            [[row.options.repetition_penalty] for row in rows], device=device
-        )
-        self.padding = list(padding)
+        Raises :class:`GenerationError` (or ``torch.OutOfMemoryError``) with
+        the batch unchanged when the prefill fails.
+        """
+        parts: list[list[int]] = []
+        groups: dict[Any, list[int]] = {}
+        for index, item in enumerate(items):
+            groups.setdefault(item.group, []).append(index)
+        for members in groups.values():
+            # Rows with other model input keys (images or not) prefill apart;
+            # with images as token embeddings, similar lengths pad less.
+            if self.adapter.prefills_in_parts:
+                lengths = [items[i].length for i in members]
+                parts += [[members[i] for i in part] for part in prefill_parts(lengths)]
+            else:
+                parts.append(members)
+        prefilled: list[tuple[list[int], torch.Tensor, BatchCache]] = []
+        for part in parts:
+            logits, state = self._prefill([items[i] for i in part])
+            prefilled.append((part, logits, state))
+        order = [i for part, _, _ in prefilled for i in part]
+        for part, logits, state in prefilled:
+            joining = [rows[i] for i in part]
+            for index, row in zip(part, joining, strict=True):
+                self._start(row, items[index])
+            tokens = self._choose(joining, logits)
+            self._join(state, tokens)
+        self.rows.extend(rows[i] for i in order)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        ids = input_ids.clone()
-        for row, pads in enumerate(self.padding):
-            if pads:
-                # Padding positions repeat the row's first real token: no effect.
-                ids[row, :pads] = input_ids[row, pads]
-        picked = torch.gather(scores, 1, ids)
-        penalty = self.penalty.to(picked.dtype)
-        picked = torch.where(picked < 0, picked * penalty, picked / penalty)
-        return scores.scatter(1, ids, picked)
+    def _prefill(self, items: Sequence[Any]) -> tuple[torch.Tensor, BatchCache]:
+        inputs = self._inputs(items)
+        mask = inputs["attention_mask"]
+        # What generate() derives from the mask: positions count real tokens only.
+        positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
+        kwargs: dict[str, Any] = dict(inputs)
+        kwargs.update(position_ids=positions, cache=cache, use_cache=True)
+        if self._keep_one:
+            kwargs["logits_to_keep"] = 1
+        with torch.inference_mode():
+            try:
+                output = self.model(**kwargs)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                raise GenerationError(
+                    f"the prefill failed: {type(exc).__name__}: {exc}"
+                ).with_traceback(None) from None
+            logits = output.logits[:, -1].to(copy=True, dtype=torch.float32)
+            extras = self.adapter.decode_inputs(inputs, output)
+        state = BatchCache(cache, mask, positions[:, -1] + 1, extras)
+        return logits, state
 
-
-class _RowSampler(LogitsProcessor):  # type: ignore[misc]
-    """Samples each sampling row with its own generator; greedy rows pass through.
-
-    A sampled row's scores become 0 for the pick and -inf elsewhere, so the
-    greedy search that ``generate`` runs takes it. A row with a ``seed``
-    always draws the same numbers, whatever else is in the batch.
-    """
-
-    def __init__(self, rows: Sequence[Row], device: torch.device) -> None:
-        self.samplers: list[tuple[int, list[Any], torch.Generator]] = []
-        for index, row in enumerate(rows):
-            options = row.options
-            if options.greedy:
-                continue
+    def _start(self, row: Row, item: Any) -> None:
+        """Per-row state that lives as long as the row: sampler, constraint, penalty ids."""
+        options = row.options
+        ids = item.inputs["input_ids"][0]
+        real = item.inputs["attention_mask"][0].bool()
+        row.prompt_tokens = int(real.sum())
+        row.generated = []
+        row.done = False
+        if options.repetition_penalty != 1.0:
+            row._prompt_ids = ids[real].to(self.model.device)
+        if not options.greedy:
             warpers: list[Any] = [TemperatureLogitsWarper(options.temperature)]
             if options.top_k is not None:
                 warpers.append(TopKLogitsWarper(options.top_k))
             if options.top_p < 1.0:
                 warpers.append(TopPLogitsWarper(options.top_p))
-            seed = options.seed if options.seed is not None else secrets.randbits(63)
-            self.samplers.append((index, warpers, torch.Generator(device).manual_seed(seed)))
+            seed = options.seed if options.seed is not None else row.seed
+            if seed is None:
+                seed = row.seed = secrets.randbits(63)
+            generator = torch.Generator(self.model.device).manual_seed(seed)
+            row._sampler = (warpers, generator)
+        if options.constrained:
+            compiled = structured.compile_constraint(
+                self._vocabulary(), self.adapter.stop_token_ids, options
+            )
+            row._constraint = structured.RowConstraint(compiled) if compiled is not None else None
+        row._logprobs = [] if options.logprobs else None
+        row._window = max(len(s) for s in options.stop) + _STOP_WINDOW_SLACK if options.stop else 0
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        out = scores.clone()
-        for index, warpers, generator in self.samplers:
-            row = scores[index : index + 1]
-            for warper in warpers:
-                row = warper(input_ids[index : index + 1], row)
-            probs = torch.softmax(row.float(), dim=-1)
-            pick = torch.multinomial(probs[0], 1, generator=generator)
-            out[index] = -float("inf")
-            out[index, pick] = 0.0
-        return out
+    def _join(self, state: BatchCache, tokens: torch.Tensor) -> None:
+        if self._state is None:
+            self._state, self._tokens = state, tokens
+            return
+        assert self._tokens is not None
+        self._state.join(state)
+        self._tokens = torch.cat([self._tokens, tokens])
 
+    # -- decoding ------------------------------------------------------------------
 
-class _Ban(LogitsProcessor):  # type: ignore[misc]
-    """Image and tile tokens are never generated (transformers' ``bad_words_ids`` for one-token words)."""
+    def step(self) -> None:
+        """One token for every running row (rows that finished wait for :meth:`evict`)."""
+        if self._state is None or not self.rows:
+            return
+        assert self._tokens is not None
+        inputs = self._state.step_inputs(self._tokens)
+        inputs["use_cache"] = True
+        if self._keep_one:
+            inputs["logits_to_keep"] = 1
+        with torch.inference_mode():
+            try:
+                output = self.model(**inputs)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                raise GenerationError(
+                    f"a decoding step failed: {type(exc).__name__}: {exc}"
+                ).with_traceback(None) from None
+            logits = output.logits[:, -1].to(copy=True, dtype=torch.float32)
+            del output
+        self._state.stepped()
+        self._tokens = self._choose(self.rows, logits)
 
-    def __init__(self, banned: Sequence[int]) -> None:
-        self.banned = list(banned)
+    def evict(self) -> list[Row]:
+        """Remove finished and cancelled rows from the batch; returns them, in batch order."""
+        gone = [row for row in self.rows if row.finished]
+        if not gone:
+            return []
+        keep = [i for i, row in enumerate(self.rows) if not row.finished]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.clear()
+        else:
+            assert self._state is not None
+            assert self._tokens is not None
+            self._state.select(keep)
+            self._tokens = self._tokens.index_select(
+                0, torch.tensor(keep, device=self._tokens.device)
+            )
+        return gone
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        scores[:, self.banned] = -float("inf")
-        return scores
+    def preempt(self, count: int) -> list[Row]:
+        """Take the ``count`` newest rows out of the batch, unfinished (to run again later)."""
+        count = min(count, len(self.rows))
+        taken = self.rows[len(self.rows) - count :]
+        for row in taken:
+            row.skip = max(row.skip, len(row.generated))
+        keep = list(range(len(self.rows) - count))
+        self.rows = self.rows[: len(keep)]
+        if not keep:
+            self.clear()
+        else:
+            assert self._state is not None
+            assert self._tokens is not None
+            self._state.select(keep)
+            self._tokens = self._tokens[: len(keep)]
+        return taken
 
+    def clear(self) -> list[Row]:
+        """Drop the whole batch (after a failure, or when the last row left); returns its rows."""
+        rows, self.rows = self.rows, []
+        self._state = None
+        self._tokens = None
+        return rows
 
-class _LogprobCapture(LogitsProcessor):  # type: ignore[misc]
-    """Keeps, per step, the log-softmax of the raw scores for the rows that asked.
+    def result(self, row: Row) -> Result:
+        """The Result of a finished row."""
+        constraint = row._constraint
+        if constraint is not None and constraint.dead_end:
+            return Result.failed(
+                GenerationError(
+                    f"no token of this model's vocabulary can continue the {constraint.kind} "
+                    "constraint here (a vocabulary that cannot spell every character, "
+                    "like the toy model's words); the answer would not be valid"
+                )
+            )
+        options = row.options
+        done = finish(self.adapter, row.generated[: options.max_new_tokens], options.stop)
+        return Result(
+            text=done.text,
+            token_ids=done.token_ids,
+            finish_reason=done.finish_reason,
+            usage=Usage(prompt_tokens=row.prompt_tokens, completion_tokens=len(done.token_ids)),
+            logprobs=tuple(row._logprobs[: len(done.token_ids)])
+            if row._logprobs is not None
+            else None,
+        )
 
-    It runs first, so the distribution is the model's own: before banned
-    tokens, grammar masks, repetition penalty, temperature, top-p and top-k.
-    Only the chosen token's value (gathered one step later, when it is known)
-    and the ``top_logprobs`` best are kept, not whole distributions.
-    """
+    # -- per-row token choice ------------------------------------------------------
 
-    def __init__(self, rows: Sequence[Row]) -> None:
-        self.indices = [i for i, row in enumerate(rows) if row.options.logprobs]
-        self.top = max((rows[i].options.top_logprobs for i in self.indices), default=0)
-        self.previous: torch.Tensor | None = None
-        self.chosen: list[torch.Tensor] = []
-        self.best: list[tuple[torch.Tensor, torch.Tensor]] = []
+    def _vocabulary(self) -> Vocabulary:
+        if self._vocab is None:
+            self._vocab = vocabulary(
+                self.adapter.tokenizer, logits_width(self.model, self.adapter.tokenizer)
+            )
+        return self._vocab
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if self.previous is not None:
-            self._gather(input_ids[self.indices, -1])
-        logprobs = torch.log_softmax(scores[self.indices].float(), dim=-1)
-        self.previous = logprobs
-        if self.top:
-            values, ids = logprobs.topk(min(self.top, logprobs.shape[-1]), dim=-1)
-            self.best.append((values.cpu(), ids.cpu()))
-        return scores
+    def _choose(self, rows: Sequence[Row], logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token from its scores; updates the rows (ids, stops, streams)."""
+        with torch.inference_mode():  # the logits are inference tensors, changed in place
+            return self._choose_tokens(rows, logits)
 
-    def _gather(self, tokens: torch.Tensor) -> None:
-        assert self.previous is not None
-        self.chosen.append(self.previous.gather(1, tokens[:, None])[:, 0].cpu())
-        self.previous = None
+    def _choose_tokens(self, rows: Sequence[Row], logits: torch.Tensor) -> torch.Tensor:
+        asking = [i for i, row in enumerate(rows) if row._logprobs is not None and not row.done]
+        raw = torch.log_softmax(logits[asking], dim=-1) if asking else None
+        if self._banned:
+            logits[:, self._banned] = -float("inf")
+        for index, row in enumerate(rows):
+            if row.done:
+                continue
+            if row._constraint is not None:
+                allowed = row._constraint.allowed_mask().to(logits.device)
+                size = min(int(allowed.shape[0]), int(logits.shape[-1]))
+                logits[index, size:] = -float("inf")
+                logits[index, :size].masked_fill_(~allowed[:size], -float("inf"))
+            if row._prompt_ids is not None:
+                ids = torch.cat(
+                    [
+                        row._prompt_ids,
+                        torch.tensor(row.generated, dtype=torch.long).to(logits.device),
+                    ]
+                )
+                picked = logits[index].gather(0, ids)
+                penalty = row.options.repetition_penalty
+                picked = torch.where(picked < 0, picked * penalty, picked / penalty)
+                logits[index].scatter_(0, ids, picked)
+        tokens = torch.argmax(logits, dim=-1)
+        for index, row in enumerate(rows):
+            if row._sampler is not None and not row.done:
+                warpers, generator = row._sampler
+                scores = logits[index : index + 1]
+                for warper in warpers:
+                    scores = warper(None, scores)
+                probs = torch.softmax(scores.float(), dim=-1)
+                tokens[index] = torch.multinomial(probs[0], 1, generator=generator)[0]
+        picked_ids: list[int] = tokens.tolist()
+        if raw is not None:
+            self._capture(rows, asking, raw, picked_ids)
+        for row, token in zip(rows, picked_ids, strict=True):
+            if not row.done:
+                self._advance(row, token)
+        return tokens
 
-    def rows(self, sequences: torch.Tensor, vocab: Vocabulary) -> dict[int, list[TokenLogprob]]:
-        """Per asking row: one TokenLogprob per generated step (trim to the kept ids)."""
-        if self.previous is not None:
-            self._gather(sequences[self.indices, -1])
-        if not self.indices or not self.chosen:
-            return {i: [] for i in self.indices}
-        chosen = torch.stack(self.chosen, dim=1).tolist()
-        generated = sequences[self.indices, sequences.shape[1] - len(self.chosen) :].tolist()
-        best = [(v.tolist(), i.tolist()) for v, i in self.best]
-        out: dict[int, list[TokenLogprob]] = {}
-        for position, index in enumerate(self.indices):
-            entries = []
-            for step, (token, logprob) in enumerate(
-                zip(generated[position], chosen[position], strict=True)
-            ):
-                top: tuple[TokenLogprob, ...] = ()
-                if self.top:
-                    values, ids = best[step]
-                    top = tuple(
-                        _token_logprob(vocab, alternative, value)
-                        for alternative, value in zip(ids[position], values[position], strict=True)
-                    )
-                entries.append(_token_logprob(vocab, token, logprob, top))
-            out[index] = entries
-        return out
+    def _capture(
+        self, rows: Sequence[Row], asking: list[int], raw: torch.Tensor, tokens: list[int]
+    ) -> None:
+        vocab = self._vocabulary()
+        chosen = raw.gather(1, torch.tensor([tokens[i] for i in asking])[:, None].to(raw.device))
+        top = max(rows[i].options.top_logprobs for i in asking)
+        best = raw.topk(min(top, raw.shape[-1]), dim=-1) if top else None
+        chosen_values = chosen[:, 0].tolist()
+        values = best.values.tolist() if best is not None else []
+        ids = best.indices.tolist() if best is not None else []
+        for position, index in enumerate(asking):
+            row = rows[index]
+            assert row._logprobs is not None
+            alternatives: tuple[TokenLogprob, ...] = ()
+            if top:
+                alternatives = tuple(
+                    _token_logprob(vocab, alternative, value)
+                    for alternative, value in zip(ids[position], values[position], strict=True)
+                )
+            row._logprobs.append(
+                _token_logprob(vocab, tokens[index], chosen_values[position], alternatives)
+            )
+
+    def _advance(self, row: Row, token: int) -> None:
+        """Record ``token`` for ``row``: grammar, stream, then its stop conditions."""
+        row.generated.append(token)
+        if row._constraint is not None:
+            row._constraint.advance(token)
+        if row.on_token is not None and len(row.generated) > row.skip:
+            row.on_token(token)
+        options = row.options
+        if token in self._stop_ids or len(row.generated) >= options.max_new_tokens:
+            row.done = True
+        elif options.stop:
+            tail = self.adapter.decode(row.generated[-row._window :])
+            row.done = _find_stop(tail, options.stop) is not None
 
 
 def _token_logprob(
@@ -285,149 +462,6 @@ def _token_logprob(
         logprob=logprob,
         top_logprobs=top,
     )
-
-
-class _RowStreamer(BaseStreamer):  # type: ignore[misc]
-    """Hands each streaming row its new token ids; skips the prompt and finished rows."""
-
-    def __init__(self, rows: Sequence[Row], stops: _RowStops, stop_ids: set[int]) -> None:
-        self.sinks = [row.on_token for row in rows]
-        self.stops = stops
-        self.stop_ids = stop_ids
-        self.ended = [sink is None for sink in self.sinks]
-        self.prompt_seen = False
-
-    def put(self, value: torch.Tensor) -> None:
-        if not self.prompt_seen:
-            self.prompt_seen = True
-            return
-        for index, token in enumerate(value.reshape(-1).tolist()):
-            # Rows that ended on an earlier step only get padding from now on.
-            if self.ended[index] or self.stops.finished[index]:
-                continue
-            sink = self.sinks[index]
-            assert sink is not None
-            sink(token)
-            self.ended[index] = token in self.stop_ids
-
-    def end(self) -> None:
-        pass
-
-
-@dataclass(slots=True)
-class _Extras:
-    """The per-row parts that issue 13 adds: log-probabilities and grammar constraints."""
-
-    stops: _RowStops
-    vocab: Vocabulary
-    capture: _LogprobCapture | None
-    constraints: list[structured.RowConstraint | None]
-
-
-def _generate_kwargs(
-    adapter: FamilyAdapter, rows: Sequence[Row], inputs: Any, width: int = 0
-) -> tuple[dict[str, Any], _Extras]:
-    # Every decoding setting is passed explicitly so that defaults saved in a
-    # checkpoint's generation config (do_sample, temperature, top_k,
-    # repetition_penalty ...) never change what the options say. Sampling is
-    # done per row by _RowSampler, so generate() itself always runs greedy.
-    prompt_length = int(inputs["input_ids"].shape[1])
-    device = inputs["input_ids"].device
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": max(row.options.max_new_tokens for row in rows),
-        "num_beams": 1,
-        "do_sample": False,
-        "eos_token_id": list(adapter.stop_token_ids),
-        "pad_token_id": adapter.pad_token_id,
-        "repetition_penalty": 1.0,
-    }
-    vocab = vocabulary(adapter.tokenizer, width)
-    processors: list[Any] = []
-    capture = None
-    if any(row.options.logprobs for row in rows):
-        # First: log-probabilities come from the raw scores.
-        capture = _LogprobCapture(rows)
-        processors.append(capture)
-    if adapter.banned_token_ids:
-        processors.append(_Ban(adapter.banned_token_ids))
-    constraints: list[structured.RowConstraint | None] = [None] * len(rows)
-    stops = _RowStops(adapter, rows, prompt_length)
-    if any(row.options.constrained for row in rows):
-        for index, row in enumerate(rows):
-            compiled = structured.compile_constraint(vocab, adapter.stop_token_ids, row.options)
-            if compiled is not None:
-                constraints[index] = structured.RowConstraint(compiled)
-        processors.append(
-            structured.ConstraintProcessor(constraints, prompt_length, stops.finished)
-        )
-    if any(row.options.repetition_penalty != 1.0 for row in rows):
-        padding = (prompt_length - inputs["attention_mask"].sum(dim=1)).tolist()
-        processors.append(_RowRepetitionPenalty(rows, padding, device))
-    if any(not row.options.greedy for row in rows):
-        processors.append(_RowSampler(rows, device))
-    kwargs["logits_processor"] = LogitsProcessorList(processors)
-    kwargs["stopping_criteria"] = StoppingCriteriaList([stops])
-    if any(row.on_token is not None for row in rows):
-        kwargs["streamer"] = _RowStreamer(rows, stops, set(adapter.stop_token_ids))
-    return kwargs, _Extras(stops=stops, vocab=vocab, capture=capture, constraints=constraints)
-
-
-def generate(
-    model: Any, adapter: FamilyAdapter, inputs: Any, rows: Sequence[Row], cache: Any = None
-) -> list[Result]:
-    """Run one micro-batch (already left-padded, on the model's device); a Result per row.
-
-    With ``cache`` (all but the last prompt token, :mod:`prefill`), ``inputs``
-    are the token ids and attention mask alone and decoding starts from it.
-    """
-    if len(rows) != int(inputs["input_ids"].shape[0]):
-        raise ValueError(f"{len(rows)} rows for a batch of {inputs['input_ids'].shape[0]}")
-    kwargs, extras = _generate_kwargs(adapter, rows, inputs, logits_width(model, adapter.tokenizer))
-    prompt_length = int(inputs["input_ids"].shape[1])
-    try:
-        with torch.inference_mode():
-            if cache is not None:
-                kwargs["cache"] = cache
-            output = model.generate(**inputs, **kwargs)
-    except torch.OutOfMemoryError:
-        raise
-    except Exception as exc:
-        raise GenerationError(f"model.generate failed: {type(exc).__name__}: {exc}") from exc
-    prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-    logprobs = extras.capture.rows(output, extras.vocab) if extras.capture is not None else {}
-    results = []
-    for index, (row, generated) in enumerate(
-        zip(rows, output[:, prompt_length:].tolist(), strict=True)
-    ):
-        constraint = extras.constraints[index]
-        if constraint is not None and constraint.dead_end:
-            results.append(
-                Result.failed(
-                    GenerationError(
-                        f"no token of this model's vocabulary can continue the {constraint.kind} "
-                        "constraint here (a vocabulary that cannot spell every character, "
-                        "like the toy model's words); the answer would not be valid"
-                    )
-                )
-            )
-            continue
-        # Past its own limit a row holds only what other rows' steps padded in.
-        done = finish(adapter, generated[: row.options.max_new_tokens], row.options.stop)
-        results.append(
-            Result(
-                text=done.text,
-                token_ids=done.token_ids,
-                finish_reason=done.finish_reason,
-                usage=Usage(
-                    prompt_tokens=int(prompt_tokens[index]),
-                    completion_tokens=len(done.token_ids),
-                ),
-                logprobs=tuple(logprobs[index][: len(done.token_ids)])
-                if row.options.logprobs
-                else None,
-            )
-        )
-    return results
 
 
 class TextDecoder:

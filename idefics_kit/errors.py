@@ -14,6 +14,7 @@ Every error the SDK raises on purpose is an :class:`IdeficsKitError`, so one
         ├── DeviceError             a device or dtype that is not available here
         ├── GenerationError         the model failed while generating
         ├── OverloadedError         the request queue is full; retry later
+        ├── EngineFailedError       the model's worker stopped after repeated failures
         └── RequestTimeoutError     the call's ``timeout`` passed (also TimeoutError)
 
 Misuse errors (``UsageError``) are raised before any model work, so a batch
@@ -29,6 +30,7 @@ from __future__ import annotations
 __all__ = [
     "ConversationError",
     "DeviceError",
+    "EngineFailedError",
     "GenerationError",
     "GeneratorClosedError",
     "IdeficsKitError",
@@ -123,3 +125,12 @@ class OverloadedError(RuntimeFailure):
 
 class RequestTimeoutError(RuntimeFailure, TimeoutError):
     """The call's ``timeout`` passed before its answer was complete; its row was freed."""
+
+
+class EngineFailedError(RuntimeFailure):
+    """The model's worker stopped after failing repeatedly; this Generator cannot answer.
+
+    Every pending and later call fails at once with it and
+    ``Generator.ready`` is False. Load a new Generator (after fixing the
+    device, memory or model that kept failing).
+    """

@@ -26,7 +26,7 @@ from typing import Any, Literal, TypeVar
 import torch
 from transformers import BatchFeature
 
-from idefics_kit import loading, runner, scoring, structured
+from idefics_kit import engine, loading, runner, scoring, structured
 from idefics_kit._vocab import logits_width, vocabulary
 from idefics_kit.batching import plan
 from idefics_kit.conversation import Conversation
@@ -34,6 +34,7 @@ from idefics_kit.devices import DeviceLike, DTypeLike
 from idefics_kit.engine import TextDecoder
 from idefics_kit.errors import (
     ConversationError,
+    GenerationError,
     InvalidParameterError,
     ModelLoadError,
     RequestTimeoutError,
@@ -41,9 +42,10 @@ from idefics_kit.errors import (
 from idefics_kit.families import Family, FamilyAdapter
 from idefics_kit.options import GenerationOptions
 from idefics_kit.progress import ProgressBar
+from idefics_kit.requests import CANCELLED, Outcome, Request
 from idefics_kit.results import ChoiceScore, Result
 from idefics_kit.runner import OnError, Prepared
-from idefics_kit.scheduler import Outcome, Request, Scheduler, SchedulerStats
+from idefics_kit.scheduler import DEFAULT_MAX_PREFILL_TOKENS, Scheduler, SchedulerStats
 from idefics_kit.streams import AsyncTextStream, TextStream
 from idefics_kit.vision_cache import VisionCache, VisionCacheStats
 
@@ -72,8 +74,19 @@ class Generator:
         max_batch_size: BatchSize = "auto",
         max_wait_ms: float = 0.0,
         max_queued: int = DEFAULT_MAX_QUEUED,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
     ) -> None:
         _check_batch_size("max_batch_size", max_batch_size)
+        if (
+            isinstance(max_prefill_tokens, bool)
+            or not isinstance(max_prefill_tokens, int)
+            or max_prefill_tokens < 1
+        ):
+            raise InvalidParameterError(
+                "max_prefill_tokens",
+                f"max_prefill_tokens must be an int >= 1, got {max_prefill_tokens!r}",
+                max_prefill_tokens,
+            )
         wait = max_wait_ms if isinstance(max_wait_ms, (int, float)) else math.nan
         if isinstance(max_wait_ms, bool) or not (math.isfinite(wait) and wait >= 0):
             raise InvalidParameterError(
@@ -94,11 +107,14 @@ class Generator:
         self.max_batch_size: BatchSize = max_batch_size
         self.max_wait_ms = float(wait)
         self.max_queued = max_queued
+        self.max_prefill_tokens = max_prefill_tokens
+        self._inputs = runner.ModelInputs(model, adapter, self._cache)
         self._scheduler = Scheduler(
-            runner.Runner(model, adapter, self._cache),
+            engine.Engine(model, adapter, self._inputs),
             max_batch_size=_batch_limit(model, max_batch_size),
             max_wait_ms=self.max_wait_ms,
             max_queued=max_queued,
+            max_prefill_tokens=max_prefill_tokens,
         )
         # The worker thread holds the scheduler, not the Generator: dropping
         # the last reference to a Generator stops its worker.
@@ -124,6 +140,7 @@ class Generator:
         max_batch_size: BatchSize = "auto",
         max_wait_ms: float = 0.0,
         max_queued: int = DEFAULT_MAX_QUEUED,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
     ) -> Generator:
         """Load a checkpoint of any supported family from the hub or a folder.
 
@@ -139,13 +156,16 @@ class Generator:
         bounds the cache of vision-encoder outputs (keyed by image content, so
         asking about the same picture again skips the encoder); 0 turns it off.
 
-        ``max_batch_size``, ``max_wait_ms`` and ``max_queued`` configure how
-        concurrent calls share the model (docs/concurrency.md): at most
-        ``max_batch_size`` rows per micro-batch (``"auto"``: as many as fit in
-        free GPU memory, 8 on the CPU); ``max_wait_ms`` > 0 lets the worker
-        wait that long for more rows before starting a batch that is not full
-        (default 0: never wait); past ``max_queued`` waiting rows, a call fails
-        at once with :class:`~idefics_kit.OverloadedError`.
+        ``max_batch_size``, ``max_wait_ms``, ``max_queued`` and
+        ``max_prefill_tokens`` configure how concurrent calls share the model
+        (docs/concurrency.md): requests join the running batch as rows free
+        up, at most ``max_batch_size`` rows at once (``"auto"``: as many as
+        fit in free GPU memory, 8 on the CPU); ``max_wait_ms`` > 0 lets an
+        idle worker wait that long for more rows before starting (default 0:
+        never wait); while rows run, at most ``max_prefill_tokens`` prompt
+        tokens are admitted per decoding step (the oldest waiting request is
+        always admitted when a row is free); past ``max_queued`` waiting
+        requests, a call fails at once with :class:`~idefics_kit.OverloadedError`.
 
         Weights load only from safetensors files: pickled ``.bin`` weights can
         run code while loading, so a checkpoint that has only those needs
@@ -171,6 +191,7 @@ class Generator:
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
             max_queued=max_queued,
+            max_prefill_tokens=max_prefill_tokens,
         )
 
     @classmethod
@@ -183,6 +204,7 @@ class Generator:
         max_batch_size: BatchSize = "auto",
         max_wait_ms: float = 0.0,
         max_queued: int = DEFAULT_MAX_QUEUED,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
     ) -> Generator:
         """Wrap a model and processor the application has already loaded.
 
@@ -206,6 +228,7 @@ class Generator:
             max_batch_size=max_batch_size,
             max_wait_ms=max_wait_ms,
             max_queued=max_queued,
+            max_prefill_tokens=max_prefill_tokens,
         )
 
     # -- properties ----------------------------------------------------------
@@ -276,6 +299,14 @@ class Generator:
         """
         return not self._scheduler.closed
 
+    @property
+    def failure(self) -> BaseException | None:
+        """Why the model's worker stopped on its own (an :class:`~idefics_kit.EngineFailedError`).
+
+        None while it runs, and after a plain :meth:`close`.
+        """
+        return self._scheduler.failure
+
     def __enter__(self) -> Generator:
         return self
 
@@ -323,7 +354,19 @@ class Generator:
         resolved = self._resolve(options, overrides)
         deadline = _deadline(timeout)
         waiter = _Waiter()
-        request = self._arrive(conversation, resolved, waiter)
+        request = Request(resolved, waiter)
+        if deadline is None:
+            self._arrive(request, conversation)
+        else:
+            # The timeout counts from this call, image downloads included:
+            # preparation runs beside the wait, and a request that times out
+            # while it is prepared is never queued.
+            threading.Thread(
+                target=self._arrive_or_fail,
+                args=(request, conversation),
+                name="idefics-kit-prepare",
+                daemon=True,
+            ).start()
         result = waiter.wait(request, deadline, timeout)
         if result.error is not None:
             raise result.error
@@ -411,8 +454,8 @@ class Generator:
         """
         resolved = self._resolve(options, overrides)
         _deadline(timeout)
-        stream = TextStream(TextDecoder(self._adapter, resolved), timeout)
-        stream._attach(self._arrive(conversation, resolved, *stream._hooks()))
+        stream = TextStream(TextDecoder(self._adapter, resolved), resolved, timeout)
+        self._arrive(stream.request, conversation)
         return stream
 
     # -- asyncio -------------------------------------------------------------------
@@ -434,12 +477,18 @@ class Generator:
         resolved = self._resolve(options, overrides)
         _deadline(timeout)
 
+        future, settle = _future()
+        request = Request(resolved, settle)
+
         async def answer() -> Result:
-            future, settle = _future()
-            request = await self._arrive_off_loop(conversation, resolved, settle)
+            await self._arrive_off_loop(request, conversation)
             return await _settled(future, request)
 
-        result = await _within(answer(), timeout)
+        try:
+            result = await _within(answer(), timeout)
+        except BaseException:
+            request.cancel()  # cancelled or timed out in any stage: never queued, or freed
+            raise
         if result.error is not None:
             raise result.error
         return result
@@ -462,10 +511,10 @@ class Generator:
         resolved = self._resolve(options, overrides)
         _deadline(timeout)
 
-        async def submit(stream: AsyncTextStream) -> Request:
-            return await self._arrive_off_loop(conversation, resolved, *stream._hooks())
+        async def submit(request: Request) -> None:
+            await self._arrive_off_loop(request, conversation)
 
-        return AsyncTextStream(TextDecoder(self._adapter, resolved), timeout, submit)
+        return AsyncTextStream(TextDecoder(self._adapter, resolved), resolved, timeout, submit)
 
     async def agenerate_batch(
         self,
@@ -490,7 +539,7 @@ class Generator:
             requests = []
             for item in _submission_order(wave):
                 future, settle = _future()
-                request = Request(item, resolved, settle, cap=cap)
+                request = Request(resolved, settle, cap=cap, item=item)
                 pending[item.index] = (future, request)
                 requests.append(request)
             try:
@@ -512,13 +561,7 @@ class Generator:
 
     # -- internals -------------------------------------------------------------
 
-    async def _arrive_off_loop(
-        self,
-        conversation: Conversation,
-        options: GenerationOptions,
-        on_done: Callable[[Outcome], None],
-        on_token: Callable[[int], None] | None = None,
-    ) -> Request:
+    async def _arrive_off_loop(self, request: Request, conversation: Conversation) -> None:
         """:meth:`_arrive` in asyncio's default executor, counted as arriving from now on.
 
         The executor has a few threads; a call still waiting for one has not
@@ -527,23 +570,31 @@ class Generator:
         answered at once made batches of 15.4 rows on average, not 16).
         """
         with self._scheduler.arriving():
-            return await asyncio.to_thread(self._arrive, conversation, options, on_done, on_token)
+            await asyncio.to_thread(self._arrive, request, conversation)
 
-    def _arrive(
-        self,
-        conversation: Conversation,
-        options: GenerationOptions,
-        on_done: Callable[[Outcome], None],
-        on_token: Callable[[int], None] | None = None,
-    ) -> Request:
-        """Prepare and queue one conversation (the async methods run this in a thread)."""
+    def _arrive(self, request: Request, conversation: Conversation) -> None:
+        """Prepare and queue one request (the async methods run this in a thread).
+
+        Input errors are raised; a request cancelled meanwhile is not queued.
+        """
         with self._scheduler.arriving():
-            item = self._prepare(0, conversation, options, numbered=False)
+            if request.cancelled:
+                request.finish(CANCELLED)
+                return
+            item = self._prepare(0, conversation, request.options, numbered=False)
             if item.error is not None:
+                request.cancel(item.error)
+                request.finish(item.error)
                 raise item.error
-            request = Request(item, options, on_done, on_token=on_token)
+            request.item = item
             self._scheduler.submit([request])
-            return request
+
+    def _arrive_or_fail(self, request: Request, conversation: Conversation) -> None:
+        """:meth:`_arrive` in a thread of its own: its errors become the request's outcome."""
+        try:
+            self._arrive(request, conversation)
+        except BaseException as exc:
+            request.finish(exc)
 
     def _batch_arguments(
         self,
@@ -603,7 +654,7 @@ class Generator:
                 pending: dict[int, tuple[_Waiter, Request]] = {}
                 for item in _submission_order(wave):
                     waiter = _Waiter()
-                    pending[item.index] = (waiter, Request(item, options, waiter, cap=cap))
+                    pending[item.index] = (waiter, Request(options, waiter, cap=cap, item=item))
                 try:
                     requests = [request for _, request in pending.values()]
                     self._scheduler.submit(requests, wait_for_room=True)
@@ -624,7 +675,13 @@ class Generator:
 
     # -- scoring ----------------------------------------------------------------
 
-    def score(self, conversation: Conversation, choices: Sequence[str]) -> list[ChoiceScore]:
+    def score(
+        self,
+        conversation: Conversation,
+        choices: Sequence[str],
+        *,
+        timeout: float | None = None,
+    ) -> list[ChoiceScore]:
         """How likely the model finds each candidate answer; one :class:`ChoiceScore` per choice.
 
         Nothing is generated: the prompt (images included) runs through the
@@ -637,8 +694,11 @@ class Generator:
         :class:`~idefics_kit.InvalidParameterError` before any model work.
         Pick with ``max(scores, key=lambda s: s.logprob)`` (or
         ``mean_logprob`` to compare choices of different lengths).
+        ``timeout`` (seconds, from this call) raises
+        :class:`~idefics_kit.RequestTimeoutError` and stops the scoring at its
+        next forward pass.
         """
-        return self.score_batch([conversation], choices)[0]
+        return self.score_batch([conversation], choices, timeout=timeout)[0]
 
     def score_batch(
         self,
@@ -646,15 +706,27 @@ class Generator:
         choices: Sequence[str] | Sequence[Sequence[str]],
         *,
         on_error: OnError = "raise",
+        timeout: float | None = None,
     ) -> list[list[ChoiceScore]]:
         """:meth:`score` for many conversations: one list of scores per conversation, in order.
 
         ``choices`` is one list of strings for every conversation, or one list
         per conversation. Every conversation and choice is checked before any
-        model work; with ``on_error="return"`` a conversation that fails gets
-        an empty list instead of raising.
+        model work; with ``on_error="return"`` a conversation that fails
+        (its input, or the model while scoring it) gets an empty list instead
+        of raising. ``timeout`` counts from this call for the whole batch.
         """
-        items = list(conversations)
+        return self._score_all(list(conversations), choices, on_error, _deadline(timeout), timeout)
+
+    def _score_all(
+        self,
+        items: list[Conversation],
+        choices: Sequence[str] | Sequence[Sequence[str]],
+        on_error: OnError,
+        deadline: float | None,
+        timeout: float | None,
+        gave_up: threading.Event | None = None,
+    ) -> list[list[ChoiceScore]]:
         if on_error not in ("raise", "return"):
             raise InvalidParameterError(
                 "on_error", f"on_error must be 'raise' or 'return', got {on_error!r}", on_error
@@ -682,22 +754,41 @@ class Generator:
                 raise item.error.at_index(index) if len(items) > 1 else item.error
             prepared.append(item)
         results: list[list[ChoiceScore]] = []
+        stop = gave_up or threading.Event()
         for item, listed in zip(prepared, per_item, strict=True):
             if item.error is not None:
                 results.append([])
                 continue
-            results.append(self._scheduler.call(functools.partial(self._score, item, listed)))
+            work = functools.partial(self._score, item, listed, stop.is_set, deadline)
+            try:
+                results.append(
+                    self._scheduler.call(
+                        work, deadline=deadline, on_timeout=_timeout_error(timeout)
+                    )
+                )
+            except GenerationError as exc:
+                if on_error == "raise":
+                    raise (exc.at_index(item.index) if len(items) > 1 else exc) from None
+                results.append([])
+            except BaseException:
+                stop.set()  # timed out or interrupted: the scoring stops at its next pass
+                raise
         return results
 
-    async def ascore(self, conversation: Conversation, choices: Sequence[str]) -> list[ChoiceScore]:
+    async def ascore(
+        self,
+        conversation: Conversation,
+        choices: Sequence[str],
+        *,
+        timeout: float | None = None,
+    ) -> list[ChoiceScore]:
         """:meth:`score` for asyncio; the event loop is never blocked.
 
         The conversation is prepared in a worker thread and scored on the
-        model's worker between micro-batches. Cancelling the awaiting task
-        does not stop the scoring (one prompt pass and the choices' passes):
-        it still runs, and its result is dropped.
+        model's worker between decoding steps. Cancelling the awaiting task
+        stops the scoring at its next forward pass (or before it starts).
         """
-        return (await self.ascore_batch([conversation], choices))[0]
+        return (await self.ascore_batch([conversation], choices, timeout=timeout))[0]
 
     async def ascore_batch(
         self,
@@ -705,19 +796,49 @@ class Generator:
         choices: Sequence[str] | Sequence[Sequence[str]],
         *,
         on_error: OnError = "raise",
+        timeout: float | None = None,
     ) -> list[list[ChoiceScore]]:
         """:meth:`score_batch` for asyncio: same rules, one list of scores per conversation."""
         items = list(conversations)
-        return await asyncio.to_thread(self.score_batch, items, choices, on_error=on_error)
+        deadline = _deadline(timeout)
+        gave_up = threading.Event()
+        try:
+            return await asyncio.to_thread(
+                self._score_all, items, choices, on_error, deadline, timeout, gave_up
+            )
+        except BaseException:
+            gave_up.set()  # the awaiting task was cancelled: the scoring stops
+            raise
 
-    def _score(self, item: Prepared, choices: tuple[str, ...]) -> list[ChoiceScore]:
-        # On the worker thread, between micro-batches.
+    def _score(
+        self,
+        item: Prepared,
+        choices: tuple[str, ...],
+        gave_up: Callable[[], bool],
+        deadline: float | None,
+    ) -> list[ChoiceScore]:
+        # On the worker thread, between decoding steps.
+        def cancelled() -> bool:
+            return gave_up() or (deadline is not None and time.monotonic() > deadline)
+
+        if cancelled():
+            return []  # nobody waits for it any more
         encoded: dict[str, Any] = dict(item.inputs or {})
         if self._cache is not None and item.images:
-            work = runner.Runner(self.model, self._adapter, self._cache)
-            encoded = work.with_cached_features([item], encoded)
+            encoded = self._inputs.with_cached_features([item], encoded)
         inputs = BatchFeature(encoded).to(self.device, dtype=self.dtype)
-        return scoring.score(self.model, self._adapter, inputs, choices)
+        try:
+            return scoring.score(self.model, self._adapter, inputs, choices, cancelled=cancelled)
+        except scoring.ScoringCancelled:
+            return []
+        except torch.OutOfMemoryError as exc:
+            raise GenerationError(f"out of memory while scoring: {exc}").with_traceback(
+                None
+            ) from None
+        except Exception as exc:
+            raise GenerationError(
+                f"the model failed while scoring: {type(exc).__name__}: {exc}"
+            ).with_traceback(None) from None
 
     def prompt_token_ids(self, conversation: Conversation) -> tuple[int, ...]:
         """The token ids the model reads for ``conversation``, before the answer.

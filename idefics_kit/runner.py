@@ -1,16 +1,14 @@
-"""Preparing conversations and running micro-batches of them.
+"""Preparing conversations, and turning prepared ones into model inputs.
 
 :func:`prepare` checks, decodes and encodes one conversation on its own (so
 a bad one fails alone and its exact prompt length is known before the model
 runs). :func:`prepared_waves` reads a large job in waves, preparing the next
-wave while the model works on the current one. :class:`Runner` runs one
-micro-batch of prepared rows on the model; the scheduler decides which rows
-share it.
+wave while the model works on the current one. :class:`ModelInputs` collates
+the rows the engine admits together (vision cache included).
 """
 
 from __future__ import annotations
 
-import gc
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,23 +18,20 @@ from typing import Any, Literal
 import torch
 from transformers import BatchFeature
 
-from idefics_kit import engine, prefill
-from idefics_kit.batching import collate, encoding_group, prefill_parts
+from idefics_kit.batching import collate, encoding_group
 from idefics_kit.conversation import Conversation
 from idefics_kit.errors import (
     ConversationError,
-    GenerationError,
     IdeficsKitError,
 )
 from idefics_kit.families.base import FamilyAdapter, Pixels
-from idefics_kit.results import Result
 from idefics_kit.vision_cache import VisionCache, image_key
 
 __all__ = [
     "CPU_BATCH_SIZE",
+    "ModelInputs",
     "OnError",
     "Prepared",
-    "Runner",
     "estimate_batch_size",
     "prepare",
     "prepared_waves",
@@ -187,15 +182,11 @@ def estimate_batch_size(
     return max(1, min(_MAX_AUTO_BATCH, int(free_bytes * _MEMORY_HEADROOM) // per_sequence))
 
 
-class Runner:
-    """Runs micro-batches on one model: the model, its adapter and the vision cache.
+class ModelInputs:
+    """Turns prepared conversations into one left-padded batch of model inputs on the model's device.
 
-    Only the scheduler's worker thread calls :meth:`run`. A micro-batch that
-    runs out of memory is split in half and retried, down to one row. A
-    micro-batch whose ``generate`` raises is bisected until every failing row
-    is alone, so a good row never fails because of a bad neighbour; when every
-    row fails (a broken model) that costs 2N-1 ``generate`` calls, most of
-    which fail at their first forward pass.
+    With the vision cache, image pixels are replaced by cached (or newly
+    computed) encoder features, one encoder call for all new images.
     """
 
     def __init__(self, model: Any, adapter: FamilyAdapter, cache: VisionCache | None) -> None:
@@ -203,76 +194,7 @@ class Runner:
         self.adapter = adapter
         self.cache = cache
 
-    def run(self, items: Sequence[Prepared], rows: Sequence[engine.Row]) -> list[Result]:
-        """A Result per item, in order; a row that failed gets ``Result.failed``."""
-        try:
-            return self._generate(items, rows)
-        except torch.OutOfMemoryError as exc:
-            _release_memory()
-            if len(items) > 1:
-                return self._halves(items, rows)
-            error = GenerationError(f"out of memory even for this conversation alone: {exc}")
-            error.__cause__ = exc
-            return [Result.failed(error)]
-        except GenerationError as exc:
-            if len(items) > 1:
-                return self._halves(items, rows)
-            return [Result.failed(exc)]
-
-    def _halves(self, items: Sequence[Prepared], rows: Sequence[engine.Row]) -> list[Result]:
-        half = len(items) // 2
-        return self.run(items[:half], rows[:half]) + self.run(items[half:], rows[half:])
-
-    def _generate(self, items: Sequence[Prepared], rows: Sequence[engine.Row]) -> list[Result]:
-        if self.adapter.prefills_in_parts:
-            parts = prefill_parts([item.length for item in items])
-            if len(parts) > 1:
-                done = self._in_parts(items, rows, parts)
-                if done is not None:
-                    return done
-        return engine.generate(self.model, self.adapter, self._inputs(items), rows)
-
-    def _in_parts(
-        self, items: Sequence[Prepared], rows: Sequence[engine.Row], parts: list[list[int]]
-    ) -> list[Result] | None:
-        """Prefill ``parts`` one by one, then decode all rows as one batch.
-
-        None when these rows cannot: a sliding window shorter than the
-        prompts, or a prompt ending in an image slot (decoding starts from
-        each row's last prompt token, and its features are not passed again).
-        """
-        tokens = collate(
-            [
-                {key: item.inputs[key] for key in ("input_ids", "attention_mask")}
-                for item in items
-                if item.inputs
-            ],
-            self.adapter.sequence_keys,
-        )
-        length = int(tokens["input_ids"].shape[1])
-        last = set(tokens["input_ids"][:, -1].tolist())
-        if not prefill.joinable(self.model, length) or last & set(self.adapter.banned_token_ids):
-            return None
-        cache = prefill.joined(
-            self.model,
-            [self._prefill([items[i] for i in part]) for part in parts],
-            parts,
-            length - 1,
-        )
-        inputs = BatchFeature(tokens).to(self.model.device)
-        return engine.generate(self.model, self.adapter, inputs, rows, cache=cache)
-
-    def _prefill(self, items: Sequence[Prepared]) -> Any:
-        inputs = self._inputs(items)
-        try:
-            return prefill.prefill(self.model, inputs)
-        except torch.OutOfMemoryError:
-            raise
-        except Exception as exc:
-            raise GenerationError(f"the prefill failed: {type(exc).__name__}: {exc}") from exc
-
-    def _inputs(self, items: Sequence[Prepared]) -> BatchFeature:
-        """The micro-batch's model inputs, on the model's device."""
+    def __call__(self, items: Sequence[Prepared]) -> BatchFeature:
         cached = self.cache is not None and any(item.images for item in items)
         # With the cache, pixels are replaced by features: padding and copying
         # them into one batch tensor first would be wasted work.
@@ -314,9 +236,3 @@ class Runner:
                 found[key] = value
         per_item = [[found[key] for key, _ in item.images] for item in items]
         return self.adapter.with_image_features(self.model, encoded, per_item)
-
-
-def _release_memory() -> None:
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

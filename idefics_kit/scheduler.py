@@ -1,26 +1,42 @@
-"""The one worker thread that owns the model, and the requests it serves.
+"""The one worker thread that owns the model: it admits requests into the running batch.
 
 Every call on a :class:`~idefics_kit.Generator`, from any thread or event
-loop, becomes one :class:`Request` per conversation, prepared (checked,
-decoded, encoded) by the caller and put in a bounded queue. The worker takes
-what is queued, at most ``max_batch_size`` rows of one encoding group (same
-model input keys), and runs them as one micro-batch; each row keeps its own
-options, hooks and cancellation (:mod:`idefics_kit.engine`). With
-``max_wait_ms`` > 0 it waits that long for more rows when fewer than
-``max_batch_size`` are queued; by default it never waits for requests that
-have not arrived. A call whose conversation is still being prepared in its
-caller's thread has arrived, though: the worker waits for those (at most
-``ARRIVAL_WAIT_S``), so that callers who asked together share a batch even
-when their images take a few milliseconds more to decode.
+loop, becomes one :class:`~idefics_kit.requests.Request` per conversation,
+prepared (checked, decoded, encoded) by the caller and put in a bounded
+queue. The worker runs the :class:`~idefics_kit.engine.Engine` step by step;
+before each step it admits queued requests, first come first served:
 
-Nothing here holds a lock while the model runs or while a caller consumes a
-stream: the lock only guards the queue, and each request hands its outcome
-over exactly once.
+- while fewer than ``max_batch_size`` rows run (and fewer than any running
+  or admitted batch call's ``batch_size``);
+- while the prompts admitted in this step stay within ``max_prefill_tokens``
+  (the head of the queue is always admitted when a row is free, so a long
+  prompt waits at most for a free row, never for shorter ones behind it):
+  this bounds how long an admission's prefill stalls the running rows;
+- a request arriving while nothing runs waits at most ``max_wait_ms`` for
+  more to fill the first batch, and at most ``ARRIVAL_WAIT_S`` for calls
+  whose conversations are still being prepared.
+
+A finished row leaves the batch at the step that finished it and its caller
+gets its Result then; a cancelled row leaves at the next step.
+
+Supervision: a prefill that fails is retried in halves until the failing
+request is alone, and only that request fails; a decoding step that fails
+fails the running rows, with :class:`~idefics_kit.GenerationError`; an
+out-of-memory error is retried with half the rows (decoding: the newest half
+goes back to the queue and starts over). Any other exception in the worker
+fails the requests it concerns and the worker goes on; after
+``MAX_CONSECUTIVE_FAILURES`` failing iterations in a row it stops, and every
+pending and later call fails at once with
+:class:`~idefics_kit.EngineFailedError` (``Generator.ready`` is then False).
+
+Nothing here holds a lock while the model runs: the lock guards the queue,
+and each request hands its outcome over exactly once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import threading
 import time
 from collections import deque
@@ -28,24 +44,39 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-from idefics_kit import engine
-from idefics_kit.errors import GeneratorClosedError, OverloadedError
-from idefics_kit.options import GenerationOptions
-from idefics_kit.results import Result
-from idefics_kit.runner import Prepared, Runner
+import torch
 
-__all__ = ["ARRIVAL_WAIT_S", "Outcome", "Request", "Scheduler", "SchedulerStats"]
+from idefics_kit import engine
+from idefics_kit.errors import (
+    EngineFailedError,
+    GenerationError,
+    GeneratorClosedError,
+    OverloadedError,
+)
+from idefics_kit.options import GenerationOptions
+from idefics_kit.requests import CANCELLED, Outcome, Request
+from idefics_kit.results import Result
+from idefics_kit.runner import Prepared
+
+__all__ = [
+    "ARRIVAL_WAIT_S",
+    "DEFAULT_MAX_PREFILL_TOKENS",
+    "MAX_CONSECUTIVE_FAILURES",
+    "Outcome",
+    "Scheduler",
+    "SchedulerStats",
+]
 
 ARRIVAL_WAIT_S = 0.2
-"""The longest a batch waits for calls that arrived but are still being prepared."""
+"""The longest a first batch waits for calls that arrived but are still being prepared."""
 
-Outcome = Result | BaseException
-"""What a request ends with: its Result, or the exception its caller should raise."""
+DEFAULT_MAX_PREFILL_TOKENS = 4096
+"""Prompt tokens admitted per step while rows run (the head of the queue always fits)."""
+
+MAX_CONSECUTIVE_FAILURES = 3
+"""Failing worker iterations in a row after which the worker gives up."""
 
 T = TypeVar("T")
-
-_CANCELLED = RuntimeError("cancelled by its caller")
-"""The outcome of a request its caller gave up on (nobody reads it)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,136 +88,101 @@ class SchedulerStats:
     """
 
     queued: int
-    """Rows waiting for the worker."""
+    """Requests waiting for a row."""
     running: int
-    """Rows in the micro-batch the model is running now."""
+    """Rows in the running batch now."""
     batches: int
-    """Micro-batches run (a micro-batch split after running out of memory counts once)."""
+    """Decoding steps run (each decodes one token for every running row)."""
     rows: int
-    """Rows run in those micro-batches."""
+    """Rows decoded, summed over those steps (``rows / batches``: the mean batch size)."""
     completed: int
     """Requests answered (including those whose answer is an error result)."""
     cancelled: int
     """Requests given up by their callers (closed stream, timeout, cancelled task)."""
     generated_tokens: int
     busy_seconds: float
+    admitted: int = 0
+    """Requests admitted into the running batch (a preempted one counts again)."""
+    preempted: int = 0
+    """Rows sent back to the queue after running out of memory."""
 
     @property
     def mean_batch_size(self) -> float:
-        """Rows per micro-batch (0.0 before the first)."""
+        """Running rows per decoding step (0.0 before the first)."""
         return self.rows / self.batches if self.batches else 0.0
 
     @property
     def tokens_per_second(self) -> float:
-        """Generated tokens per second of model time (0.0 before the first batch)."""
+        """Generated tokens per second of model time (0.0 before the first step)."""
         return self.generated_tokens / self.busy_seconds if self.busy_seconds else 0.0
 
 
-class Request:
-    """One conversation on its way through the worker.
-
-    ``on_done`` is called exactly once, from the worker thread (or from
-    ``close()``), with the outcome. ``cancel()`` may be called from any
-    thread: a queued request is dropped, a running row stops after the
-    current decoding step.
-    """
-
-    __slots__ = ("_done", "cancelled", "cap", "item", "on_done", "on_token", "options", "reason")
-
-    def __init__(
-        self,
-        item: Prepared,
-        options: GenerationOptions,
-        on_done: Callable[[Outcome], None],
-        *,
-        cap: int | None = None,
-        on_token: Callable[[int], None] | None = None,
-    ) -> None:
-        self.item = item
-        self.options = options
-        self.on_done = on_done
-        self.cap = cap
-        self.on_token = on_token
-        self.cancelled = False
-        self.reason: BaseException | None = None
-        self._done = False
-
-    def cancel(self, reason: BaseException | None = None) -> None:
-        """Give up on this request; ``reason`` replaces its outcome when given."""
-        if reason is not None and self.reason is None:
-            self.reason = reason
-        self.cancelled = True
-
-    def finish(self, outcome: Outcome) -> None:
-        """Hand the outcome over (once; later calls are ignored)."""
-        if self._done:
-            return
-        self._done = True
-        self.on_done(self.reason if self.reason is not None else outcome)
-
-    def row(self) -> engine.Row:
-        """This request as a row of a micro-batch."""
-        return engine.Row(
-            options=self.options, on_token=self.on_token, cancelled=self._is_cancelled
-        )
-
-    def _is_cancelled(self) -> bool:
-        return self.cancelled
-
-
 class _Call(Generic[T]):
-    """A function to run on the worker thread between micro-batches."""
+    """A function to run on the worker thread between steps."""
 
     def __init__(self, fn: Callable[[], T]) -> None:
         self.fn = fn
         self.event = threading.Event()
         self.value: T | None = None
         self.error: BaseException | None = None
+        self.cancelled = False
 
 
 class Scheduler:
-    """Owns the worker thread; see the module docstring."""
+    """Owns the worker thread and the engine; see the module docstring."""
 
     def __init__(
         self,
-        runner: Runner,
+        engine: engine.Engine,
         *,
         max_batch_size: Callable[[Prepared, GenerationOptions], int],
         max_wait_ms: float,
         max_queued: int,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
         name: str = "idefics-kit-worker",
     ) -> None:
-        self._runner = runner
+        self._engine = engine
         self._max_batch_size = max_batch_size
         self._max_wait = max_wait_ms / 1000.0
         self._max_queued = max_queued
+        self._max_prefill = max_prefill_tokens
         self._name = name
         self._cond = threading.Condition()
         self._queue: deque[Request] = deque()
         self._calls: deque[_Call[Any]] = deque()
-        self._running: list[Request] = []
+        self._running: dict[int, Request] = {}
         self._thread: threading.Thread | None = None
         self._closed = False
+        self._failure: EngineFailedError | None = None
+        self._alone = False
         self._arriving = 0
-        self._batches = 0
+        self._steps = 0
         self._rows = 0
         self._completed = 0
         self._cancelled = 0
         self._tokens = 0
         self._busy = 0.0
+        self._admitted = 0
+        self._preempted = 0
 
     # -- callers' side -------------------------------------------------------
 
     @property
     def closed(self) -> bool:
-        """True once :meth:`close` was called."""
+        """True once :meth:`close` was called (or the worker gave up)."""
         return self._closed
+
+    @property
+    def failure(self) -> EngineFailedError | None:
+        """Why the worker stopped, when it stopped on its own; None otherwise."""
+        return self._failure
 
     def submit(self, requests: Sequence[Request], *, wait_for_room: bool = False) -> None:
         """Queue ``requests``; a full queue raises :class:`OverloadedError` at once.
 
         With ``wait_for_room`` (batch calls: one caller's bounded backlog) the
-        requests go in as room frees up instead, in order.
+        requests go in as room frees up instead, in order. A request cancelled
+        while it was prepared is not queued; its outcome is handed over now.
         """
         pending = list(requests)
         while pending:
@@ -202,10 +198,17 @@ class Scheduler:
                 if room <= 0:
                     self._cond.wait(timeout=0.05)
                     continue
-                self._queue.extend(pending[:room])
+                dropped = []
+                for request in pending[:room]:
+                    if request.enqueue(self._withdraw):
+                        self._queue.append(request)
+                    else:
+                        dropped.append(request)
                 pending = pending[room:]
                 self._start()
                 self._cond.notify_all()
+            for request in dropped:
+                request.finish(CANCELLED)
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
@@ -219,15 +222,28 @@ class Scheduler:
                 self._arriving -= 1
                 self._cond.notify_all()
 
-    def call(self, fn: Callable[[], T]) -> T:
-        """Run ``fn`` on the worker thread between micro-batches; its result or error."""
+    def call(
+        self, fn: Callable[[], T], *, deadline: float | None = None, on_timeout: Any = None
+    ) -> T:
+        """Run ``fn`` on the worker thread between steps; its result or error.
+
+        Past ``deadline`` (``time.monotonic()``) the call is dropped if it has
+        not started and ``on_timeout`` (an exception) is raised; a started
+        call stops at its next check of ``job.cancelled``.
+        """
         job: _Call[T] = _Call(fn)
         with self._cond:
             self._check_open()
             self._calls.append(job)
             self._start()
             self._cond.notify_all()
-        job.event.wait()
+        try:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not job.event.wait(left):
+                raise on_timeout
+        except BaseException:
+            job.cancelled = True
+            raise
         if job.error is not None:
             raise job.error
         return job.value  # type: ignore[return-value]
@@ -238,12 +254,14 @@ class Scheduler:
             return SchedulerStats(
                 queued=len(self._queue),
                 running=len(self._running),
-                batches=self._batches,
+                batches=self._steps,
                 rows=self._rows,
                 completed=self._completed,
                 cancelled=self._cancelled,
                 generated_tokens=self._tokens,
                 busy_seconds=self._busy,
+                admitted=self._admitted,
+                preempted=self._preempted,
             )
 
     def close(self) -> None:
@@ -252,25 +270,35 @@ class Scheduler:
         Both get :class:`GeneratorClosedError`. Returns once the worker has
         exited (at most one decoding step later). Idempotent.
         """
+        self._shut(GeneratorClosedError("the Generator was closed before this ran"))
+
+    def _shut(self, error: GeneratorClosedError | EngineFailedError) -> None:
         with self._cond:
             if self._closed:
                 return
             self._closed = True
             queued, self._queue = list(self._queue), deque()
             calls, self._calls = list(self._calls), deque()
-            for request in self._running:
-                request.cancel(GeneratorClosedError("the Generator was closed while this ran"))
+            running = list(self._running.values())
             self._cond.notify_all()
             thread = self._thread
+        for request in running:
+            request.cancel(
+                error
+                if isinstance(error, EngineFailedError)
+                else GeneratorClosedError("the Generator was closed while this ran")
+            )
         for request in queued:
-            request.finish(GeneratorClosedError("the Generator was closed before this ran"))
+            request.finish(error)
         for job in calls:
-            job.error = GeneratorClosedError("the Generator was closed before this ran")
+            job.error = error
             job.event.set()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
 
     def _check_open(self) -> None:
+        if self._failure is not None:
+            raise self._failure
         if self._closed:
             raise GeneratorClosedError("this Generator is closed; load a new one to generate again")
 
@@ -280,30 +308,81 @@ class Scheduler:
             self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
             self._thread.start()
 
+    def _withdraw(self, request: Request) -> None:
+        """A queued request was cancelled: out of the queue now, its room free again."""
+        with self._cond:
+            try:
+                self._queue.remove(request)
+            except ValueError:
+                return  # taken by the worker meanwhile: it leaves the batch at the next step
+            self._cancelled += 1
+            self._cond.notify_all()
+        request.finish(CANCELLED)
+
     # -- the worker ----------------------------------------------------------------
 
     def _work(self) -> None:
+        failures = 0
         while True:
             with self._cond:
-                while not self._queue and not self._calls and not self._closed:
+                while (
+                    not self._queue
+                    and not self._calls
+                    and not self._engine.rows
+                    and not self._closed
+                ):
                     self._cond.wait()
                 if self._closed:
-                    return
-                if self._calls:
-                    job: _Call[Any] | None = self._calls.popleft()
-                    batch: list[Request] = []
-                else:
-                    job = None
-                    self._wait_for_more()
-                    batch = self._take()
-                    self._running = batch
+                    break
+                job = self._calls.popleft() if self._calls else None
             if job is not None:
                 _run_call(job)
-            elif batch:
-                self._run(batch)
+                continue
+            admitted: list[Request] = []
+            try:
+                with self._cond:
+                    if not self._engine.rows:
+                        self._wait_for_more()
+                    admitted = self._take()
+                self._iterate(admitted)
+                failures = 0
+            except BaseException as exc:  # supervision: nothing kills the worker silently
+                failures += 1
+                self._fail_all_running(admitted, exc)
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    self._give_up(exc)
+                    return
+        self._stop_rows()
+
+    def _iterate(self, admitted: list[Request]) -> None:
+        started = time.perf_counter()
+        if admitted:
+            self._admit(admitted)
+        rows = len(self._engine.rows)
+        if rows:
+            try:
+                self._engine.step()
+            except torch.OutOfMemoryError:
+                self._after_decode_oom()
+                rows = 0
+            except GenerationError as exc:
+                for row in self._engine.clear():
+                    self._finish_row(row, Result.failed(_fresh(exc)))
+                rows = 0
+        self._evict()
+        elapsed = time.perf_counter() - started
+        with self._cond:
+            self._busy += elapsed
+            if rows:
+                self._steps += 1
+                self._rows += rows
 
     def _wait_for_more(self) -> None:
+        """Nothing runs: let the first batch fill (arrivals being prepared, ``max_wait_ms``)."""
+        if not self._queue:
+            return
         head = self._queue[0]
+        assert head.item is not None
         limit = self._max_batch_size(head.item, head.options)
         now = time.monotonic()
         arrivals = now + ARRIVAL_WAIT_S
@@ -318,64 +397,225 @@ class Scheduler:
                 return
 
     def _take(self) -> list[Request]:
-        """The oldest request and as many queued ones of its group as fit, in queue order."""
-        live: deque[Request] = deque()
-        for request in self._queue:
-            if request.cancelled:
-                self._cancelled += 1
-                request.finish(request.reason or _CANCELLED)
-            else:
-                live.append(request)
-        self._queue = live
-        if not live:
+        """Requests to admit now, in queue order (first come, first served)."""
+        if not self._queue or self._alone:
             return []
-        head = live[0]
+        head = self._queue[0]
+        assert head.item is not None
         limit = self._max_batch_size(head.item, head.options)
-        if head.cap is not None:
-            limit = min(limit, head.cap)
+        for request in self._running.values():
+            if request.cap is not None:
+                limit = min(limit, request.cap)
+        running = len(self._engine.rows)
+        columns = self._engine.columns
+        budget = self._max_prefill if running else None
         taken: list[Request] = []
-        rest: deque[Request] = deque()
-        for request in live:
-            fits = len(taken) < limit and (request.cap is None or len(taken) < request.cap)
-            if fits and request.item.group == head.item.group:
+        spent = 0
+        while self._queue and running + len(taken) < limit:
+            request = self._queue[0]
+            assert request.item is not None
+            length = request.item.length
+            if taken and budget is not None and spent + length > budget:
+                break
+            if request.cap is not None and running + len(taken) >= request.cap:
+                break
+            total = max(columns, length) + request.options.max_new_tokens
+            if not self._engine.joinable(total):
+                # A sliding window shorter than this row: it runs alone.
+                if running or taken:
+                    break
+                self._queue.popleft()
                 taken.append(request)
-                if request.cap is not None:
-                    limit = min(limit, request.cap)
-            else:
-                rest.append(request)
-        self._queue = rest
-        self._cond.notify_all()  # room for callers waiting to submit
+                self._alone = True
+                break
+            self._queue.popleft()
+            taken.append(request)
+            spent += length
+            if request.cap is not None:
+                limit = min(limit, request.cap)
+        if taken:
+            self._cond.notify_all()  # room for callers waiting to submit
         return taken
 
-    def _run(self, batch: list[Request]) -> None:
-        started = time.perf_counter()
-        try:
-            outcomes: list[Outcome] = list(
-                self._runner.run([r.item for r in batch], [r.row() for r in batch])
-            )
-        except BaseException as exc:  # handed to each caller, raised there
-            outcomes = [exc] * len(batch)
-        elapsed = time.perf_counter() - started
+    def _admit(self, requests: list[Request]) -> None:
+        live = [r for r in requests if r.start()]
+        for request in requests:
+            if request.stage != "running":
+                self._count_cancelled()
+                request.finish(CANCELLED)
+        if not live:
+            return
         with self._cond:
-            self._running = []
-            self._batches += 1
-            self._rows += len(batch)
-            self._busy += elapsed
-            for request, outcome in zip(batch, outcomes, strict=True):
-                if request.cancelled:
-                    self._cancelled += 1
-                else:
-                    self._completed += 1
-                if isinstance(outcome, Result) and not request.cancelled:
+            for request in live:
+                self._running[id(request)] = request
+            self._admitted += len(live)
+        self._admit_rows(live)
+
+    def _admit_rows(self, requests: list[Request]) -> None:
+        """Prefill and join; a failing prefill is bisected so that only failing rows fail."""
+        rows = [self._row(request) for request in requests]
+        items = [request.item for request in requests]
+        failure: BaseException | None = None
+        try:
+            self._engine.admit(items, rows)
+            return
+        except torch.OutOfMemoryError as exc:
+            failure = _fresh(exc)
+        except GenerationError as exc:
+            failure = exc
+        # Out of the except block: its traceback no longer keeps the failed
+        # attempt's tensors alive while the halves run.
+        _release_memory()
+        if len(requests) > 1:
+            half = len(requests) // 2
+            self._admit_rows(requests[:half])
+            self._admit_rows(requests[half:])
+            return
+        request = requests[0]
+        if isinstance(failure, torch.OutOfMemoryError):
+            if self._engine.rows:
+                # It may fit once the running rows are done: back to the queue head, alone.
+                self._back_to_queue([request])
+                with self._cond:
+                    self._alone = True
+                return
+            failure = GenerationError(
+                f"out of memory even for this conversation alone: {failure}"
+            ).with_traceback(None)
+        self._finish_request(request, Result.failed(_as_generation_error(failure)))
+
+    def _row(self, request: Request) -> engine.Row:
+        return engine.Row(
+            options=request.options,
+            on_token=request.token if request.on_token is not None else None,
+            cancelled=request.is_cancelled,
+            owner=request,
+            seed=request.seed,
+            skip=request.delivered,
+        )
+
+    def _after_decode_oom(self) -> None:
+        """A decoding step ran out of memory: the newest half of the rows goes back to the queue."""
+        _release_memory()
+        rows = len(self._engine.rows)
+        if rows <= 1:
+            for row in self._engine.clear():
+                error = GenerationError("out of memory even for this conversation alone")
+                self._finish_row(row, Result.failed(error))
+            return
+        taken = self._engine.preempt(rows // 2)
+        requests = []
+        for row in taken:
+            request = row.owner
+            assert isinstance(request, Request)
+            request.seed = row.seed
+            requests.append(request)
+        with self._cond:
+            self._preempted += len(requests)
+        self._back_to_queue(requests)
+        _release_memory()
+
+    def _back_to_queue(self, requests: list[Request]) -> None:
+        with self._cond:
+            for request in reversed(requests):
+                self._running.pop(id(request), None)
+                if request.requeue(self._withdraw):
+                    self._queue.appendleft(request)
+            self._cond.notify_all()
+
+    def _evict(self) -> None:
+        for row in self._engine.evict():
+            request = row.owner
+            assert isinstance(request, Request)
+            if request.cancelled:
+                self._count_cancelled()
+                with self._cond:
+                    self._running.pop(id(request), None)
+                request.finish(CANCELLED)
+                continue
+            self._finish_row(row, self._engine.result(row))
+        if not self._engine.rows and self._alone:
+            with self._cond:
+                self._alone = False
+
+    def _finish_row(self, row: engine.Row, outcome: Outcome) -> None:
+        request = row.owner
+        assert isinstance(request, Request)
+        self._finish_request(request, outcome)
+
+    def _finish_request(self, request: Request, outcome: Outcome) -> None:
+        with self._cond:
+            self._running.pop(id(request), None)
+            if request.cancelled:
+                self._cancelled += 1
+            else:
+                self._completed += 1
+                if isinstance(outcome, Result):
                     self._tokens += outcome.usage.completion_tokens
-        for request, outcome in zip(batch, outcomes, strict=True):
-            request.finish(outcome)
+        request.finish(outcome)
+
+    def _count_cancelled(self) -> None:
+        with self._cond:
+            self._cancelled += 1
+
+    def _fail_all_running(self, admitted: list[Request], exc: BaseException) -> None:
+        """An unexpected exception: fail the rows it concerns (admitted and running) and reset."""
+        error = GenerationError(
+            f"the model's worker failed: {type(exc).__name__}: {exc}"
+        ).with_traceback(None)
+        concerned = {id(r): r for r in admitted}
+        with contextlib.suppress(BaseException):
+            for row in self._engine.clear():
+                if isinstance(row.owner, Request):
+                    concerned[id(row.owner)] = row.owner
+        with self._cond:
+            concerned.update(self._running)
+        for request in concerned.values():
+            self._finish_request(request, Result.failed(_fresh(error)))
+        del exc
+
+    def _give_up(self, exc: BaseException) -> None:
+        failure = EngineFailedError(
+            f"the model's worker stopped after {MAX_CONSECUTIVE_FAILURES} failures in a row "
+            f"(last: {type(exc).__name__}: {exc}); load a new Generator"
+        )
+        with self._cond:
+            self._failure = failure
+            self._thread = threading.current_thread()
+        self._shut(failure)
+
+    def _stop_rows(self) -> None:
+        """Closed: the rows still running stop now with their cancel reason."""
+        for row in self._engine.clear():
+            request = row.owner
+            assert isinstance(request, Request)
+            self._finish_request(request, GeneratorClosedError("the Generator was closed"))
 
 
 def _run_call(job: _Call[Any]) -> None:
     try:
-        job.value = job.fn()
+        if not job.cancelled:
+            job.value = job.fn()
     except BaseException as exc:
-        job.error = exc
+        job.error = exc.with_traceback(None)
     finally:
         job.event.set()
+
+
+def _fresh(exc: BaseException) -> Any:
+    """``exc`` without its traceback: a kept error must not keep the failed step's tensors alive."""
+    exc.__traceback__ = None
+    exc.__context__ = None
+    return exc
+
+
+def _as_generation_error(exc: BaseException) -> GenerationError:
+    if isinstance(exc, GenerationError):
+        return exc
+    return GenerationError(f"{type(exc).__name__}: {exc}").with_traceback(None)
+
+
+def _release_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -18,7 +18,7 @@ vocabulary cannot spell, control tokens) is an ``InvalidParameterError``.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -74,12 +74,15 @@ def score(
     choices: Sequence[str],
     *,
     rows: int = DEFAULT_ROWS,
+    cancelled: Callable[[], bool] | None = None,
 ) -> list[ChoiceScore]:
     """One :class:`ChoiceScore` per choice, in order, for one encoded conversation.
 
     ``inputs`` is one conversation's model input (batch of 1, on the model's
     device and dtype), as ``runner.prepare`` encodes it. ``rows`` bounds how
-    many choices share a forward pass.
+    many choices share a forward pass. ``cancelled`` is asked before each
+    forward pass after the prompt's: True stops the scoring there
+    (:class:`ScoringCancelled`).
     """
     if int(inputs["input_ids"].shape[0]) != 1:
         raise ValueError("score() takes the inputs of exactly one conversation")
@@ -95,6 +98,8 @@ def score(
         cache = _cache_of(output)
         chunks = [longer[start : start + rows] for start in range(0, len(longer), rows)]
         for number, chunk in enumerate(chunks):
+            if cancelled is not None and cancelled():
+                raise ScoringCancelled("the scoring was cancelled by its caller")
             # The last chunk may take the prompt's cache itself.
             own = cache if number == len(chunks) - 1 else copy.deepcopy(cache)
             logprobs = _continuations(
@@ -179,3 +184,7 @@ def _cache_argument(model: Any) -> str:
         names = inspect.signature(model.forward).parameters
         _CACHE_ARGUMENT[kind] = "cache" if "cache" in names else "past_key_values"
     return _CACHE_ARGUMENT[kind]
+
+
+class ScoringCancelled(Exception):
+    """Raised inside the worker when a caller gave up on a scoring (nobody reads it)."""

@@ -17,8 +17,9 @@ from typing import Any
 
 from idefics_kit.engine import TextDecoder
 from idefics_kit.errors import RequestTimeoutError
+from idefics_kit.options import GenerationOptions
+from idefics_kit.requests import Outcome, Request
 from idefics_kit.results import Result
-from idefics_kit.scheduler import Outcome, Request
 
 __all__ = ["AsyncTextStream", "TextStream"]
 
@@ -70,33 +71,27 @@ class TextStream:
     other rows of the batch are not affected.
     """
 
-    def __init__(self, decoder: TextDecoder, timeout: float | None) -> None:
+    def __init__(
+        self, decoder: TextDecoder, options: GenerationOptions, timeout: float | None
+    ) -> None:
         self._pieces = _Pieces(decoder)
-        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._timeout = timeout
         self._deadline = None if timeout is None else time.monotonic() + timeout
-        self._request: Request | None = None
+        sink: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._queue = sink
+
+        # The hooks hold the queue, not the stream: a stream its caller
+        # dropped is collected, and its ``__del__`` stops the row.
+        def on_done(outcome: Outcome) -> None:
+            sink.put(_Final(outcome))
+
+        self.request = Request(options, on_done, on_token=sink.put)
+        """This stream's request handle (queue it with the Generator that made the stream)."""
 
     @property
     def result(self) -> Result | None:
         """The full Result once the stream is exhausted; None before."""
         return self._pieces.result
-
-    def _attach(self, request: Request) -> None:
-        self._request = request
-
-    def _hooks(self) -> tuple[Callable[[Outcome], None], Callable[[int], None]]:
-        """``on_done`` and ``on_token`` for this stream's request.
-
-        They hold the queue, not the stream: a stream its caller dropped is
-        collected, and its ``__del__`` stops the row.
-        """
-        sink = self._queue
-
-        def on_done(outcome: Outcome) -> None:
-            sink.put(_Final(outcome))
-
-        return on_done, sink.put
 
     def __iter__(self) -> TextStream:
         return self
@@ -123,10 +118,9 @@ class TextStream:
             raise _timeout_error(self._timeout) from None
 
     def close(self) -> None:
-        """Stop this stream's row (no effect once the stream is exhausted)."""
+        """Stop this stream's request at any stage (no effect once the stream is exhausted)."""
         self._pieces.done = True
-        if self._request is not None:
-            self._request.cancel()
+        self.request.cancel()
 
     def __enter__(self) -> TextStream:
         return self
@@ -135,8 +129,7 @@ class TextStream:
         self.close()
 
     def __del__(self) -> None:
-        if self._request is not None:
-            self._request.cancel()
+        self.request.cancel()
 
 
 class AsyncTextStream:
@@ -151,40 +144,23 @@ class AsyncTextStream:
     def __init__(
         self,
         decoder: TextDecoder,
+        options: GenerationOptions,
         timeout: float | None,
-        submit: Callable[[AsyncTextStream], Awaitable[Request]],
+        submit: Callable[[Request], Awaitable[None]],
     ) -> None:
         self._pieces = _Pieces(decoder)
         self._timeout = timeout
-        self._submit: Callable[[AsyncTextStream], Awaitable[Request]] | None = submit
-        self._request: Request | None = None
-        self._queue: asyncio.Queue[object] | None = None
+        self._submit: Callable[[Request], Awaitable[None]] | None = submit
+        self._sink = _LoopSink()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deadline: float | None = None
+        self.request = Request(options, self._sink.done, on_token=self._sink.post)
+        """This stream's request handle; it is queued when iteration starts."""
 
     @property
     def result(self) -> Result | None:
         """The full Result once the stream is exhausted; None before."""
         return self._pieces.result
-
-    def _hooks(self) -> tuple[Callable[[Outcome], None], Callable[[int], None]]:
-        """``on_done`` and ``on_token`` for this stream's request (call from its loop).
-
-        They hold the loop and the queue, not the stream (see
-        :meth:`TextStream._hooks`).
-        """
-        loop = self._loop = asyncio.get_running_loop()
-        sink = self._queue = asyncio.Queue()
-
-        def post(item: object) -> None:
-            # From the worker thread; a closed loop means nobody listens any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(sink.put_nowait, item)
-
-        def on_done(outcome: Outcome) -> None:
-            post(_Final(outcome))
-
-        return on_done, post
 
     def __aiter__(self) -> AsyncTextStream:
         return self
@@ -194,12 +170,13 @@ class AsyncTextStream:
             if self._submit is not None:
                 submit, self._submit = self._submit, None
                 self._loop = asyncio.get_running_loop()
+                self._sink.listen(self._loop)
                 if self._timeout is not None:
                     self._deadline = self._loop.time() + self._timeout
-                self._request = await self._with_deadline(submit(self))
+                await self._with_deadline(submit(self.request))
             while not self._pieces.done:
-                assert self._queue is not None
-                piece = self._pieces.take(await self._with_deadline(self._queue.get()))
+                assert self._sink.queue is not None
+                piece = self._pieces.take(await self._with_deadline(self._sink.queue.get()))
                 if piece is None:
                     break
                 if piece:
@@ -221,13 +198,39 @@ class AsyncTextStream:
     def _cancel(self) -> None:
         self._pieces.done = True
         self._submit = None
-        if self._request is not None:
-            self._request.cancel()
+        self.request.cancel()
 
     async def aclose(self) -> None:
-        """Stop this stream's row (no effect once the stream is exhausted)."""
+        """Stop this stream's request at any stage (no effect once the stream is exhausted)."""
         self._cancel()
 
     def __del__(self) -> None:
-        if self._request is not None:
-            self._request.cancel()
+        self.request.cancel()
+
+
+class _LoopSink:
+    """Hands a request's tokens and outcome to an event loop's queue, from any thread.
+
+    It holds the loop and the queue, not the stream (see :class:`TextStream`).
+    """
+
+    __slots__ = ("loop", "queue")
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.queue: asyncio.Queue[object] | None = None
+
+    def listen(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue = asyncio.Queue()
+
+    def post(self, item: object) -> None:
+        # From the worker thread; a closed loop means nobody listens any more.
+        loop, sink = self.loop, self.queue
+        if loop is None or sink is None:
+            return
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(sink.put_nowait, item)
+
+    def done(self, outcome: Outcome) -> None:
+        self.post(_Final(outcome))

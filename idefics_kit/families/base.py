@@ -108,6 +108,15 @@ class FamilyAdapter(ABC):
     ) -> dict[str, Any]:
         """``inputs`` with the pixels replaced by precomputed per-image ``features``."""
 
+    def decode_inputs(self, inputs: Any, output: Any) -> dict[str, torch.Tensor]:
+        """What each decoding step feeds the model besides the new tokens, batch dimension first.
+
+        ``inputs`` are a prefill's model inputs and ``output`` its forward's
+        output. Families whose images enter as token embeddings need nothing
+        more than the KV cache.
+        """
+        return {}
+
     def check(self, conversation: Conversation) -> None:
         """Raise ``ConversationError`` for what this family cannot take.
 

@@ -63,6 +63,20 @@ class IdeficsAdapter(FamilyAdapter):
         rest["image_encoder_embeddings"] = torch.stack(rows)
         return rest
 
+    def decode_inputs(self, inputs: Any, output: Any) -> dict[str, torch.Tensor]:
+        # Cross-attention reads the images at every step: generate() feeds
+        # the encoder states the prefill computed and the prompt's last row
+        # of the image mask. Kept per row ([rows, images, ...]) so rows can
+        # join and leave the batch with them.
+        mask = inputs["image_attention_mask"]
+        hidden = output.image_outputs.last_hidden_state
+        return {
+            "image_encoder_embeddings": hidden.reshape(
+                int(mask.shape[0]), int(mask.shape[-1]), *hidden.shape[1:]
+            ),
+            "image_attention_mask": mask[:, -1:, :],
+        }
+
     def _padding_features(self, model: Any, like: torch.Tensor) -> torch.Tensor:
         """The encoder output of an all-zero image, once per device and dtype.
 
