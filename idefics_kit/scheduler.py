@@ -92,24 +92,26 @@ class SchedulerStats:
     running: int
     """Rows in the running batch now."""
     batches: int
-    """Decoding steps run (each decodes one token for every running row)."""
+    """Admission rounds: prefills that started rows (rows that joined at one step count once)."""
     rows: int
-    """Rows decoded, summed over those steps (``rows / batches``: the mean batch size)."""
+    """Rows admitted into the running batch (a row preempted and admitted again counts twice)."""
     completed: int
     """Requests answered (including those whose answer is an error result)."""
     cancelled: int
     """Requests given up by their callers (closed stream, timeout, cancelled task)."""
     generated_tokens: int
     busy_seconds: float
-    admitted: int = 0
-    """Requests admitted into the running batch (a preempted one counts again)."""
+    steps: int = 0
+    """Decoding steps run (each decodes one token for every running row)."""
+    row_steps: int = 0
+    """Rows decoded, summed over those steps."""
     preempted: int = 0
-    """Rows sent back to the queue after running out of memory."""
+    """Rows sent back to the queue after a decoding step ran out of memory."""
 
     @property
     def mean_batch_size(self) -> float:
         """Running rows per decoding step (0.0 before the first)."""
-        return self.rows / self.batches if self.batches else 0.0
+        return self.row_steps / self.steps if self.steps else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -163,6 +165,7 @@ class Scheduler:
         self._tokens = 0
         self._busy = 0.0
         self._admitted = 0
+        self._rounds = 0
         self._preempted = 0
 
     # -- callers' side -------------------------------------------------------
@@ -254,13 +257,14 @@ class Scheduler:
             return SchedulerStats(
                 queued=len(self._queue),
                 running=len(self._running),
-                batches=self._steps,
-                rows=self._rows,
+                batches=self._rounds,
+                rows=self._admitted,
                 completed=self._completed,
                 cancelled=self._cancelled,
                 generated_tokens=self._tokens,
                 busy_seconds=self._busy,
-                admitted=self._admitted,
+                steps=self._steps,
+                row_steps=self._rows,
                 preempted=self._preempted,
             )
 
@@ -449,6 +453,7 @@ class Scheduler:
             for request in live:
                 self._running[id(request)] = request
             self._admitted += len(live)
+            self._rounds += 1
         self._admit_rows(live)
 
     def _admit_rows(self, requests: list[Request]) -> None:
@@ -479,9 +484,9 @@ class Scheduler:
                 with self._cond:
                     self._alone = True
                 return
-            failure = GenerationError(
-                f"out of memory even for this conversation alone: {failure}"
-            ).with_traceback(None)
+            error = GenerationError(f"out of memory even for this conversation alone: {failure}")
+            error.__cause__ = failure  # traceback-free: it keeps no tensors alive
+            failure = error
         self._finish_request(request, Result.failed(_as_generation_error(failure)))
 
     def _row(self, request: Request) -> engine.Row:

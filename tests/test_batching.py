@@ -19,7 +19,6 @@ from idefics_kit import (
     ImageLoadError,
     ImagePart,
     InvalidParameterError,
-    Result,
     engine,
 )
 from idefics_kit.batching import collate, plan
@@ -96,36 +95,61 @@ def test_out_of_memory_splits_batches_down_to_one(
 ) -> None:
     convs = [A, B, C, D, A, C]
     singles = [gen.generate(c, max_new_tokens=8) for c in convs]
-    real = engine.generate
+    real = engine.Engine.admit
     sizes: list[int] = []
 
-    def tight_memory(
-        model: Any, adapter: Any, inputs: Any, options: Any, cache: Any = None
-    ) -> list[Result]:
-        rows = int(inputs["input_ids"].shape[0])
-        sizes.append(rows)
-        if rows > 1:
+    def tight_memory(self: engine.Engine, items: Any, rows: Any) -> None:
+        sizes.append(len(rows))
+        if len(rows) > 1:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(model, adapter, inputs, options, cache)
+        real(self, items, rows)
 
-    monkeypatch.setattr(engine, "generate", tight_memory)
+    monkeypatch.setattr(engine.Engine, "admit", tight_memory)
     assert gen.generate_batch(convs, max_new_tokens=8, batch_size=4) == singles
     assert max(sizes) == 4
     assert sizes.count(1) == len(convs)
 
-    def no_memory(*args: Any, **kwargs: Any) -> list[Result]:
+    def no_memory(*args: Any, **kwargs: Any) -> None:
         raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
 
-    monkeypatch.setattr(engine, "generate", no_memory)
+    monkeypatch.setattr(engine.Engine, "admit", no_memory)
     with pytest.raises(
         GenerationError, match="out of memory even for this conversation alone"
     ) as raised:
         gen.generate_batch(convs, max_new_tokens=8, batch_size=4)
-    assert isinstance(raised.value.__cause__, torch.OutOfMemoryError)
+    cause = raised.value.__cause__
+    assert isinstance(cause, torch.OutOfMemoryError)
+    # A kept error keeps no frames, hence no tensors of the failed attempt.
+    assert cause.__traceback__ is None
     assert raised.value.index is not None
     results = gen.generate_batch(convs, max_new_tokens=8, batch_size=4, on_error="return")
     assert [r.finish_reason for r in results] == ["error"] * len(convs)
     assert [r.error.index if r.error else None for r in results] == list(range(6))
+
+
+def test_a_decoding_step_out_of_memory_sends_the_newest_rows_back(
+    gen: Generator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    convs = [A, B, C, D]
+    singles = [gen.generate(c, max_new_tokens=8) for c in convs]
+    streamed = ["".join(gen.stream(c, max_new_tokens=8)) for c in convs]
+    real = engine.Engine.step
+    failed = {"n": 0}
+
+    def tight_memory(self: engine.Engine) -> None:
+        if len(self.rows) > 2 and failed["n"] < 2:
+            failed["n"] += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        real(self)
+
+    monkeypatch.setattr(engine.Engine, "step", tight_memory)
+    shared = Generator.from_model(gen.model, gen.processor, max_batch_size=4)
+    streams = [shared.stream(c, max_new_tokens=8) for c in convs]
+    assert ["".join(s) for s in streams] == streamed  # restarted rows repeat no piece
+    assert [s.result for s in streams] == singles
+    assert shared.stats().preempted >= 2
+    assert shared.generate_batch(convs, max_new_tokens=8) == singles
+    shared.close()
 
 
 def test_iter_batch_reads_lazily_and_yields_in_order(gen: Generator) -> None:

@@ -178,14 +178,6 @@ def test_closing_a_stream_stops_its_row_and_leaves_the_others(
     lone = base.generate(LONG, max_new_tokens=150)
     assert lone.usage.completion_tokens >= 100, "needs a row that runs long on its own"
     others = [base.generate(SHORT, max_new_tokens=30), base.generate(TWO, max_new_tokens=30)]
-    steps = {"n": 0}
-    real = engine._RowStops.__call__
-
-    def counting(self: Any, *args: Any, **kwargs: Any) -> Any:
-        steps["n"] += 1
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(engine._RowStops, "__call__", counting)
     gen = fresh(base)
     with held(gen):
         stream = gen.stream(LONG, max_new_tokens=150)
@@ -199,8 +191,8 @@ def test_closing_a_stream_stops_its_row_and_leaves_the_others(
         thread.join(60)
     assert [box["value"] for _, box in started] == others
     wait_until(lambda: gen.stats().running == 0)
-    # The batch ended with the other rows (30 steps at most), not at 150.
-    assert steps["n"] <= 31
+    # The closed row left at once and the others ended at 30 tokens, not 150.
+    assert gen.stats().steps <= 31
     assert gen.stats().cancelled == 1
     gen.close()
 
@@ -447,18 +439,16 @@ def test_a_failing_row_is_bisected_out_and_the_cost_is_counted(
     convs = [Conversation().user(IMG_A, "word " * (i + 1)) for i in range(8)]
     lone = [gen.generate(c, max_new_tokens=3) for c in convs]
     bad_length = len(gen.prompt_token_ids(convs[5]))
-    real = engine.generate
+    real = engine.Engine.admit
     calls: list[int] = []
 
-    def failing(
-        model: Any, adapter: Any, inputs: Any, rows: Any, cache: Any = None
-    ) -> list[Result]:
+    def failing(self: engine.Engine, items: Any, rows: Any) -> None:
         calls.append(len(rows))
-        if (inputs["attention_mask"].sum(dim=1) == bad_length).any():
-            raise GenerationError("model.generate failed: simulated")
-        return real(model, adapter, inputs, rows, cache)
+        if any(item.length == bad_length for item in items):
+            raise GenerationError("the prefill failed: simulated")
+        real(self, items, rows)
 
-    monkeypatch.setattr(engine, "generate", failing)
+    monkeypatch.setattr(engine.Engine, "admit", failing)
     results = gen.generate_batch(convs, max_new_tokens=3, batch_size=8, on_error="return")
     assert [r.ok for r in results] == [i != 5 for i in range(8)]
     assert results[5].error is not None
@@ -467,17 +457,17 @@ def test_a_failing_row_is_bisected_out_and_the_cost_is_counted(
     assert len(calls) == 7  # 8, then 4+4, 2+2, 1+1: one bad row costs 2*log2(8)+1 calls
     calls.clear()
 
-    def broken(model: Any, adapter: Any, inputs: Any, rows: Any, cache: Any = None) -> list[Result]:
+    def broken(self: engine.Engine, items: Any, rows: Any) -> None:
         calls.append(len(rows))
-        raise GenerationError("model.generate failed: broken model")
+        raise GenerationError("the prefill failed: broken model")
 
-    monkeypatch.setattr(engine, "generate", broken)
+    monkeypatch.setattr(engine.Engine, "admit", broken)
     results = gen.generate_batch(convs[:4], max_new_tokens=3, batch_size=4, on_error="return")
     assert [r.finish_reason for r in results] == ["error"] * 4
     assert len(calls) == 7  # 2N-1 when every row fails
     calls.clear()
     # on_error="raise": the first failing input in order is raised, with its index.
-    monkeypatch.setattr(engine, "generate", failing)
+    monkeypatch.setattr(engine.Engine, "admit", failing)
     with pytest.raises(GenerationError, match="simulated") as raised:
         gen.generate_batch(convs, max_new_tokens=3, batch_size=8)
     assert raised.value.index == 5

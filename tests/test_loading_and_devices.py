@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -156,13 +157,13 @@ class _Calls:
 @pytest.fixture
 def model_calls(monkeypatch: pytest.MonkeyPatch) -> _Calls:
     calls = _Calls()
-    real = engine.generate
+    real = engine.Engine.admit
 
-    def counting(*args: object, **kwargs: object) -> object:
+    def counting(self: engine.Engine, items: Any, rows: Any) -> None:
         calls.count += 1
-        return real(*args, **kwargs)  # type: ignore[arg-type]
+        real(self, items, rows)
 
-    monkeypatch.setattr(engine, "generate", counting)
+    monkeypatch.setattr(engine.Engine, "admit", counting)
     return calls
 
 

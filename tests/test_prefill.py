@@ -13,10 +13,8 @@ from typing import Any
 
 import pytest
 
-from idefics_kit import Conversation, GenerationError, GenerationOptions, Generator, engine
-from idefics_kit import prefill as prefill_module
+from idefics_kit import Conversation, GenerationError, Generator, engine, kv
 from idefics_kit.batching import MAX_PREFILL_PARTS, PREFILL_PART_COST, prefill_parts
-from idefics_kit.runner import Runner, prepare
 from tests.conftest import picture
 from tests.test_concurrency import answered_together, fresh, held, wait_until
 
@@ -82,13 +80,13 @@ def test_prefill_parts_splits_only_when_padding_costs_more_than_a_part() -> None
 def counted_parts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Row counts of the prefill parts run from now on."""
     sizes: list[int] = []
-    real = prefill_module.prefill
+    real = engine.Engine._prefill
 
-    def counting(model: Any, inputs: Any) -> Any:
-        sizes.append(int(inputs["input_ids"].shape[0]))
-        return real(model, inputs)
+    def counting(self: engine.Engine, items: Any) -> Any:
+        sizes.append(len(items))
+        return real(self, items)
 
-    monkeypatch.setattr(prefill_module, "prefill", counting)
+    monkeypatch.setattr(engine.Engine, "_prefill", counting)
     return sizes
 
 
@@ -105,7 +103,7 @@ def test_rows_of_spread_lengths_match_their_lone_calls(
     assert shared.stats().batches == 1
     shared.close()
     if family == "idefics":
-        assert sizes == []  # cross-attention state: never prefilled in parts
+        assert sizes == [len(SPREAD)]  # cross-attention state: one prefill, never in parts
     else:
         assert len(sizes) == len(prefill_parts(lengths))
         assert sum(sizes) == len(SPREAD)
@@ -147,40 +145,49 @@ def test_streams_in_a_batch_prefilled_in_parts(
 def test_a_failing_prefill_costs_no_row(
     generators: dict[str, Generator], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A part that fails is a failing micro-batch: bisected down to single
-    # rows, which prefill whole (no parts) and succeed on their own.
+    # An admission whose prefill fails is bisected down to single rows,
+    # which prefill whole (no parts) and succeed on their own.
     gen = generators["idefics2"]
     convs = [conv for conv, _ in SPREAD]
     lone = [gen.generate(conv, max_new_tokens=4) for conv in convs]
     sizes: list[int] = []
+    real = engine.Engine._prefill
 
-    def failing(model: Any, inputs: Any) -> Any:
-        sizes.append(int(inputs["input_ids"].shape[0]))
-        raise RuntimeError("simulated kernel failure")
+    def failing(self: engine.Engine, items: Any) -> Any:
+        sizes.append(len(items))
+        if len(items) > 1:
+            raise GenerationError("the prefill failed: simulated kernel failure")
+        return real(self, items)
 
-    monkeypatch.setattr(prefill_module, "prefill", failing)
+    monkeypatch.setattr(engine.Engine, "_prefill", failing)
     results = gen.generate_batch(convs, max_new_tokens=4, batch_size=8, on_error="return")
     assert results == lone
-    assert sizes  # the parts were tried
-    monkeypatch.setattr(prefill_module, "prefill", lambda model, inputs: 1 / 0)
-    work = Runner(gen.model, gen._adapter, None)
-    items = [prepare(work.adapter, i, conv, numbered=False) for i, conv in enumerate(convs)]
-    rows = [engine.Row(options=GenerationOptions(max_new_tokens=4)) for _ in convs]
+    assert max(sizes) > 1  # the parts were tried
+    monkeypatch.undo()
+    broken = fresh(gen)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        return 1 / 0
+
+    monkeypatch.setattr(broken.model, "forward", forward)
     with pytest.raises(GenerationError, match=r"^the prefill failed: ZeroDivisionError: "):
-        work._generate(items, rows)
+        broken.generate(convs[0], max_new_tokens=4)
+    monkeypatch.undo()
+    assert broken.generate(convs[0], max_new_tokens=4) == lone[0]  # the worker went on
+    broken.close()
 
 
 def test_a_sliding_window_shorter_than_the_prompt_is_never_joined(
-    generators: dict[str, Generator], monkeypatch: pytest.MonkeyPatch
+    generators: dict[str, Generator],
 ) -> None:
-    # Mistral (IDEFICS 2's text model) has a sliding window; past it, a part's
-    # cache would already have dropped positions that the others keep.
+    # Mistral (IDEFICS 2's text model) has a sliding window; past it, a
+    # row's cache would already have dropped positions that the others keep.
     gen = generators["idefics2"]
     window = gen.model.config.get_text_config(decoder=True).sliding_window
     assert isinstance(window, int)
-    assert prefill_module.joinable(gen.model, window - 1)
-    assert not prefill_module.joinable(gen.model, window)
-    assert prefill_module.joinable(generators["idefics3"].model, 100_000)  # Llama: no window
+    assert kv.joinable(gen.model, window - 1)
+    assert not kv.joinable(gen.model, window)
+    assert kv.joinable(generators["idefics3"].model, 100_000)  # Llama: no window
 
 
 def test_prefill_parts_of_a_large_batch_stay_cheap_and_whole() -> None:
@@ -194,28 +201,18 @@ def test_prefill_parts_of_a_large_batch_stay_cheap_and_whole() -> None:
     assert padded_cost(lengths, parts) < padded_cost(lengths, [list(range(256))])
 
 
-def test_a_batch_that_cannot_prefill_in_parts_runs_in_one_piece(
+def test_rows_that_cannot_share_the_batch_run_alone(
     generators: dict[str, Generator], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     gen = fresh(generators["smolvlm"])
     convs = [conv for conv, _ in SPREAD]
     lone = [gen.generate(conv, max_new_tokens=5) for conv in convs]
-    sizes = counted_parts(monkeypatch)
+    # A sliding window shorter than prompt + answer: each row runs on its own.
+    monkeypatch.setattr(engine, "joinable", lambda model, length: False)
+    before = gen.stats()
     assert gen.generate_batch(convs, max_new_tokens=5, batch_size=8) == lone
-    assert sizes
-    # A sliding window shorter than the prompts.
-    sizes.clear()
-    monkeypatch.setattr(prefill_module, "joinable", lambda model, length: False)
-    assert gen.generate_batch(convs, max_new_tokens=5, batch_size=8) == lone
-    assert sizes == []
-    # A prompt ending in an image slot: decoding starts from each row's last
-    # prompt token, and an image slot's features would not be passed again.
-    monkeypatch.undo()
-    sizes = counted_parts(monkeypatch)
-    last = {gen.prompt_token_ids(conv)[-1] for conv in convs}
-    adapter = gen._adapter
-    monkeypatch.setattr(adapter, "banned_token_ids", (*adapter.banned_token_ids, *last))
-    lone = [gen.generate(conv, max_new_tokens=5) for conv in convs]  # bans those too now
-    assert gen.generate_batch(convs, max_new_tokens=5, batch_size=8) == lone
-    assert sizes == []
+    after = gen.stats()
+    assert (after.batches - before.batches, after.rows - before.rows) == (len(convs), len(convs))
+    # Every decoding step ran one row.
+    assert after.row_steps - before.row_steps == after.steps - before.steps > 0
     gen.close()

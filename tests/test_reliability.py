@@ -11,7 +11,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from idefics_kit import Conversation, ConversationError, Generator, ModelLoadError, engine
+from idefics_kit import (
+    Conversation,
+    ConversationError,
+    GenerationError,
+    Generator,
+    ModelLoadError,
+    engine,
+)
 from idefics_kit.testing import build_tiny_checkpoint
 from tests.conftest import picture
 
@@ -140,21 +147,24 @@ def test_eight_threads_share_a_generator(generators: dict[str, Generator]) -> No
 def test_interrupt_inside_a_batch_leaves_the_generator_usable(
     gen: Generator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Anything raised inside the worker (here an interrupt in a decoding
+    # step) fails the rows it concerns with a typed error; the worker goes on.
     before = gen.generate_batch([GOOD, GOOD], max_new_tokens=6)
-    real = engine.generate
+    real = engine.Engine.step
     calls = {"n": 0}
 
-    def interrupted(*args: Any, **kwargs: Any) -> Any:
+    def interrupted(self: engine.Engine) -> None:
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return real(*args, **kwargs)
+        real(self)
 
-    monkeypatch.setattr(engine, "generate", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    monkeypatch.setattr(engine.Engine, "step", interrupted)
+    with pytest.raises(GenerationError, match=r"^the model's worker failed: KeyboardInterrupt"):
         gen.generate_batch([GOOD, GOOD, GOOD], max_new_tokens=6, batch_size=1)
-    monkeypatch.setattr(engine, "generate", real)
+    monkeypatch.setattr(engine.Engine, "step", real)
     assert gen.generate_batch([GOOD, GOOD], max_new_tokens=6) == before
+    assert gen.ready
 
 
 def _rss_mb() -> float:

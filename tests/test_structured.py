@@ -15,6 +15,8 @@ import random
 import re
 import sys
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jsonschema
@@ -321,8 +323,6 @@ def test_200_constrained_answers_per_family_are_all_valid(gen: Generator) -> Non
 
 
 def test_rows_with_different_constraints_share_a_batch_and_match_singles(gen: Generator) -> None:
-    from idefics_kit import engine
-
     convs = conversations(4, 7)
     options = [
         GenerationOptions(json_schema=PERSON, max_new_tokens=192, temperature=1.0, seed=1),
@@ -331,16 +331,19 @@ def test_rows_with_different_constraints_share_a_batch_and_match_singles(gen: Ge
         GenerationOptions(max_new_tokens=6),
     ]
     convs = [convs[1], convs[2], convs[1], convs[2]]  # same input keys: one batch
-    items = [
-        gen._prepare(i, c, o, numbered=True)
-        for i, (c, o) in enumerate(zip(convs, options, strict=True))
-    ]
-    work = gen._scheduler._runner  # run on the worker to keep to one model user
-
-    def batch() -> list[Result]:
-        return work.run(items, [engine.Row(options=o) for o in options])
-
-    together = gen._scheduler.call(batch)
+    shared = Generator.from_model(gen.model, gen.processor, max_batch_size=4)
+    release = threading.Event()
+    holder = threading.Thread(target=shared._scheduler.call, args=(lambda: release.wait(60),))
+    holder.start()  # the worker is held while all four queue up
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(shared.generate, c, o) for c, o in zip(convs, options, strict=True)]
+        while shared.stats().queued < 4:
+            time.sleep(0.005)
+        release.set()
+        together = [f.result() for f in futures]
+    holder.join(30)
+    assert shared.stats().batches == 1  # admitted together, one running batch
+    shared.close()
     alone = [gen.generate(c, o) for c, o in zip(convs, options, strict=True)]
     assert [r.token_ids for r in together] == [r.token_ids for r in alone]
     assert valid(PERSON, together[0])
