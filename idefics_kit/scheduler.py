@@ -350,6 +350,11 @@ class Scheduler:
                     admitted = self._take()
                 self._iterate(admitted)
                 failures = 0
+            except _Handled as handled:
+                failures += 1
+                if failures >= MAX_CONSECUTIVE_FAILURES:
+                    self._give_up(handled.cause)
+                    return
             except BaseException as exc:  # supervision: nothing kills the worker silently
                 failures += 1
                 self._fail_all_running(admitted, exc)
@@ -385,9 +390,9 @@ class Scheduler:
         """Nothing runs: let the first batch fill (arrivals being prepared, ``max_wait_ms``)."""
         if not self._queue:
             return
-        head = self._queue[0]
-        assert head.item is not None
-        limit = self._max_batch_size(head.item, head.options)
+        limit = self._limit()
+        if limit is None:
+            return
         now = time.monotonic()
         arrivals = now + ARRIVAL_WAIT_S
         more = now + self._max_wait
@@ -400,13 +405,35 @@ class Scheduler:
             else:
                 return
 
+    def _limit(self) -> int | None:
+        """``max_batch_size`` for the queue's head (under the lock); None if it could not say.
+
+        The "auto" probe asks the device for free memory, which raises after
+        a device error: the request it was asked for fails, the worker goes on.
+        """
+        while self._queue:
+            head = self._queue[0]
+            assert head.item is not None
+            try:
+                return self._max_batch_size(head.item, head.options)
+            except Exception as exc:
+                self._queue.popleft()
+                error = GenerationError(
+                    f"the model's worker failed: {type(exc).__name__}: {exc}"
+                )
+                self._completed += 1
+                # Safe under the lock: outcome hooks never take it.
+                head.finish(Result.failed(error))
+                raise _Handled(exc) from None
+        return None
+
     def _take(self) -> list[Request]:
         """Requests to admit now, in queue order (first come, first served)."""
         if not self._queue or self._alone:
             return []
-        head = self._queue[0]
-        assert head.item is not None
-        limit = self._max_batch_size(head.item, head.options)
+        limit = self._limit()
+        if limit is None:
+            return []
         for request in self._running.values():
             if request.cap is not None:
                 limit = min(limit, request.cap)
@@ -595,6 +622,14 @@ class Scheduler:
             request = row.owner
             assert isinstance(request, Request)
             self._finish_request(request, GeneratorClosedError("the Generator was closed"))
+
+
+class _Handled(Exception):
+    """A worker failure whose requests were already failed: count it, fail nothing more."""
+
+    def __init__(self, cause: BaseException) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 def _run_call(job: _Call[Any]) -> None:
