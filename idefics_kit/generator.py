@@ -1,17 +1,18 @@
 """``Generator``: load a checkpoint once, answer conversations.
 
-A thin facade: it validates input, has each conversation prepared (checked,
-images decoded, prompt encoded) in the calling thread (or, for the async
-methods, a worker thread off the event loop) and submits it to the
-:class:`~idefics_kit.scheduler.Scheduler`, whose one worker thread owns the
-model. Concurrent callers therefore share micro-batches; each gets the token
-ids a lone call would have given.
+The public API, over request handles: every call makes one
+:class:`~idefics_kit.requests.Request` per conversation at once, has it
+prepared (checked, images decoded, prompt encoded) in the calling thread (or,
+for the async methods, a worker thread off the event loop) and queues it with
+the :class:`~idefics_kit.scheduler.Scheduler`, whose one worker thread owns
+the model and runs the continuous-batching :class:`~idefics_kit.engine.Engine`.
+Concurrent callers therefore share the running batch; each gets the token ids
+a lone call would have given. Loading lives in :mod:`idefics_kit.loading`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import math
 import os
@@ -21,7 +22,7 @@ import weakref
 from collections import abc
 from collections.abc import Callable, Iterable, Sequence, Sized
 from types import TracebackType
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import torch
 from transformers import BatchFeature
@@ -37,15 +38,22 @@ from idefics_kit.errors import (
     GenerationError,
     InvalidParameterError,
     ModelLoadError,
-    RequestTimeoutError,
 )
 from idefics_kit.families import Family, FamilyAdapter
 from idefics_kit.options import GenerationOptions
 from idefics_kit.progress import ProgressBar
 from idefics_kit.requests import CANCELLED, Outcome, Request
+from idefics_kit.requests import Waiter as _Waiter
+from idefics_kit.requests import deadline as _deadline
+from idefics_kit.requests import future_outcome as _future
+from idefics_kit.requests import settled as _settled
+from idefics_kit.requests import timeout_error as _timeout_error
+from idefics_kit.requests import within as _within
 from idefics_kit.results import ChoiceScore, Result
 from idefics_kit.runner import OnError, Prepared
-from idefics_kit.scheduler import DEFAULT_MAX_PREFILL_TOKENS, Scheduler, SchedulerStats
+from idefics_kit.scheduler import DEFAULT_MAX_PREFILL_TOKENS, BatchSize, Scheduler, SchedulerStats
+from idefics_kit.scheduler import batch_limit as _batch_limit
+from idefics_kit.scheduler import check_batch_size as _check_batch_size
 from idefics_kit.streams import AsyncTextStream, TextStream
 from idefics_kit.vision_cache import VisionCache, VisionCacheStats
 
@@ -53,7 +61,6 @@ __all__ = ["Generator"]
 
 DEFAULT_VISION_CACHE_MB = 256.0
 DEFAULT_MAX_QUEUED = 1024
-BatchSize = int | Literal["auto"]
 T = TypeVar("T")
 
 
@@ -349,7 +356,7 @@ class Generator:
         (``max_new_tokens=64``) applied on top of ``options``. ``timeout``
         (seconds, from this call) raises :class:`~idefics_kit.RequestTimeoutError`
         and frees the row. Safe to call from many threads at once: concurrent
-        calls share micro-batches.
+        calls share the running batch.
         """
         resolved = self._resolve(options, overrides)
         deadline = _deadline(timeout)
@@ -386,10 +393,10 @@ class Generator:
         """Answer many conversations; one :class:`Result` per input, in input order.
 
         Every conversation is checked, its images decoded and its prompt
-        encoded before any model work. Conversations of similar prompt length
-        then run together, at most ``batch_size`` per micro-batch (default:
-        the Generator's ``max_batch_size``), left-padded, possibly with rows
-        of other callers; an out-of-memory batch is split in half and retried.
+        encoded before any model work. They then join the running batch as
+        rows free up, at most ``batch_size`` rows at once (default: the
+        Generator's ``max_batch_size``), possibly beside rows of other
+        callers; out-of-memory errors are recovered from (docs/concurrency.md).
         With greedy decoding, or sampling with a ``seed``, a conversation's
         answer does not depend on its batch.
 
@@ -883,35 +890,6 @@ class Generator:
         )
 
 
-def _check_batch_size(name: str, batch_size: object) -> None:
-    if batch_size == "auto":
-        return
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise InvalidParameterError(
-            name, f"{name} must be an int >= 1 or 'auto', got {batch_size!r}", batch_size
-        )
-
-
-def _batch_limit(model: Any, setting: BatchSize) -> Callable[[Prepared, GenerationOptions], int]:
-    """Rows per micro-batch for a batch led by a given row (it holds no Generator)."""
-
-    def limit(head: Prepared, options: GenerationOptions) -> int:
-        if setting != "auto":
-            return setting
-        if model.device.type != "cuda":
-            return runner.CPU_BATCH_SIZE
-        free, _ = torch.cuda.mem_get_info(model.device)
-        # Batch calls queue their longest rows first, so the head is the longest.
-        return runner.estimate_batch_size(
-            model.config.get_text_config(),
-            model.dtype,
-            head.length + options.max_new_tokens,
-            free,
-        )
-
-    return limit
-
-
 def _submission_order(wave: list[Prepared]) -> list[Prepared]:
     """The good items of a wave, grouped and longest first, so FIFO takes pad little."""
     good = [item for item in wave if item.error is None]
@@ -932,91 +910,6 @@ def _checked(result: Result, index: int, on_error: OnError) -> Result:
         if on_error == "raise":
             raise result.error
     return result
-
-
-def _deadline(timeout: float | None) -> float | None:
-    if timeout is None:
-        return None
-    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise InvalidParameterError(
-            "timeout", f"timeout must be None or a number of seconds > 0, got {timeout!r}", timeout
-        )
-    if not math.isfinite(timeout):
-        return None
-    return time.monotonic() + timeout
-
-
-def _timeout_error(timeout: float | None) -> RequestTimeoutError:
-    return RequestTimeoutError(
-        f"no complete answer within timeout={timeout}s; the request was cancelled "
-        "(raise timeout, or lower max_new_tokens)"
-    )
-
-
-class _Waiter:
-    """Receives one request's outcome in the worker thread; the caller waits for it."""
-
-    __slots__ = ("event", "outcome")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.outcome: Outcome | None = None
-
-    def __call__(self, outcome: Outcome) -> None:
-        self.outcome = outcome
-        self.event.set()
-
-    def wait(self, request: Request, deadline: float | None, timeout: float | None) -> Result:
-        try:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self.event.wait(left):
-                raise _timeout_error(timeout)
-        except BaseException:
-            # Timeout, KeyboardInterrupt ...: only this caller's row stops.
-            request.cancel()
-            raise
-        outcome = self.outcome
-        if isinstance(outcome, BaseException):
-            raise outcome
-        assert outcome is not None
-        return outcome
-
-
-def _future() -> tuple[asyncio.Future[Outcome], Callable[[Outcome], None]]:
-    """A future of the running loop, and a thread-safe function that settles it."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[Outcome] = loop.create_future()
-
-    def set_outcome(outcome: Outcome) -> None:
-        if not future.done():
-            future.set_result(outcome)
-
-    def settle(outcome: Outcome) -> None:
-        # A closed loop raises RuntimeError: nobody waits any more.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(set_outcome, outcome)
-
-    return future, settle
-
-
-async def _settled(future: asyncio.Future[Outcome], request: Request) -> Result:
-    try:
-        outcome = await future
-    except BaseException:
-        request.cancel()  # the awaiting task was cancelled: free the row
-        raise
-    if isinstance(outcome, BaseException):
-        raise outcome
-    return outcome
-
-
-async def _within(awaitable: abc.Coroutine[Any, Any, T], timeout: float | None) -> T:
-    if timeout is None or not math.isfinite(timeout):
-        return await awaitable
-    try:
-        return await asyncio.wait_for(awaitable, timeout)
-    except asyncio.TimeoutError:
-        raise _timeout_error(timeout) from None
 
 
 def _choices_per_conversation(choices: object, count: int) -> list[tuple[str, ...]]:

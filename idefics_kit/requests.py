@@ -21,17 +21,36 @@ the thread that cancelled or closed), never under a lock.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import math
 import threading
+import time
+from collections import abc
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
+from idefics_kit.errors import InvalidParameterError, RequestTimeoutError
 from idefics_kit.options import GenerationOptions
 from idefics_kit.results import Result
 
 if TYPE_CHECKING:
     from idefics_kit.runner import Prepared
 
-__all__ = ["CANCELLED", "Outcome", "Request", "Stage"]
+__all__ = [
+    "CANCELLED",
+    "Outcome",
+    "Request",
+    "Stage",
+    "Waiter",
+    "deadline",
+    "future_outcome",
+    "settled",
+    "timeout_error",
+    "within",
+]
+
+T = TypeVar("T")
 
 Outcome = Result | BaseException
 """What a request ends with: its Result, or the exception its caller should raise."""
@@ -149,3 +168,91 @@ class Request:
 
     def is_cancelled(self) -> bool:
         return self.cancelled
+
+
+# -- waiting for a request's outcome ---------------------------------------------
+
+
+def deadline(timeout: float | None) -> float | None:
+    if timeout is None:
+        return None
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise InvalidParameterError(
+            "timeout", f"timeout must be None or a number of seconds > 0, got {timeout!r}", timeout
+        )
+    if not math.isfinite(timeout):
+        return None
+    return time.monotonic() + timeout
+
+
+def timeout_error(timeout: float | None) -> RequestTimeoutError:
+    return RequestTimeoutError(
+        f"no complete answer within timeout={timeout}s; the request was cancelled "
+        "(raise timeout, or lower max_new_tokens)"
+    )
+
+
+class Waiter:
+    """Receives one request's outcome in the worker thread; the caller waits for it."""
+
+    __slots__ = ("event", "outcome")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.outcome: Outcome | None = None
+
+    def __call__(self, outcome: Outcome) -> None:
+        self.outcome = outcome
+        self.event.set()
+
+    def wait(self, request: Request, deadline: float | None, timeout: float | None) -> Result:
+        try:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self.event.wait(left):
+                raise timeout_error(timeout)
+        except BaseException:
+            # Timeout, KeyboardInterrupt ...: only this caller's row stops.
+            request.cancel()
+            raise
+        outcome = self.outcome
+        if isinstance(outcome, BaseException):
+            raise outcome
+        assert outcome is not None
+        return outcome
+
+
+def future_outcome() -> tuple[asyncio.Future[Outcome], Callable[[Outcome], None]]:
+    """A future of the running loop, and a thread-safe function that settles it."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Outcome] = loop.create_future()
+
+    def set_outcome(outcome: Outcome) -> None:
+        if not future.done():
+            future.set_result(outcome)
+
+    def settle(outcome: Outcome) -> None:
+        # A closed loop raises RuntimeError: nobody waits any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(set_outcome, outcome)
+
+    return future, settle
+
+
+async def settled(future: asyncio.Future[Outcome], request: Request) -> Result:
+    try:
+        outcome = await future
+    except BaseException:
+        request.cancel()  # the awaiting task was cancelled: free the row
+        raise
+    if isinstance(outcome, BaseException):
+        raise outcome
+    return outcome
+
+
+async def within(awaitable: abc.Coroutine[Any, Any, T], timeout: float | None) -> T:
+    if timeout is None or not math.isfinite(timeout):
+        return await awaitable
+    try:
+        return await asyncio.wait_for(awaitable, timeout)
+    except asyncio.TimeoutError:
+        raise timeout_error(timeout) from None

@@ -42,15 +42,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import torch
 
-from idefics_kit import engine
+from idefics_kit import engine, runner
 from idefics_kit.errors import (
     EngineFailedError,
     GenerationError,
     GeneratorClosedError,
+    InvalidParameterError,
     OverloadedError,
 )
 from idefics_kit.options import GenerationOptions
@@ -62,9 +63,12 @@ __all__ = [
     "ARRIVAL_WAIT_S",
     "DEFAULT_MAX_PREFILL_TOKENS",
     "MAX_CONSECUTIVE_FAILURES",
+    "BatchSize",
     "Outcome",
     "Scheduler",
     "SchedulerStats",
+    "batch_limit",
+    "check_batch_size",
 ]
 
 ARRIVAL_WAIT_S = 0.2
@@ -77,6 +81,7 @@ MAX_CONSECUTIVE_FAILURES = 3
 """Failing worker iterations in a row after which the worker gives up."""
 
 T = TypeVar("T")
+BatchSize = int | Literal["auto"]
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -418,9 +423,7 @@ class Scheduler:
                 return self._max_batch_size(head.item, head.options)
             except Exception as exc:
                 self._queue.popleft()
-                error = GenerationError(
-                    f"the model's worker failed: {type(exc).__name__}: {exc}"
-                )
+                error = GenerationError(f"the model's worker failed: {type(exc).__name__}: {exc}")
                 self._completed += 1
                 # Safe under the lock: outcome hooks never take it.
                 head.finish(Result.failed(error))
@@ -659,3 +662,33 @@ def _release_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def check_batch_size(name: str, batch_size: object) -> None:
+    """``max_batch_size`` / ``batch_size``: an int >= 1 or ``"auto"``."""
+    if batch_size == "auto":
+        return
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidParameterError(
+            name, f"{name} must be an int >= 1 or 'auto', got {batch_size!r}", batch_size
+        )
+
+
+def batch_limit(model: Any, setting: BatchSize) -> Callable[[Prepared, GenerationOptions], int]:
+    """Running rows allowed when a given request is next in line (it holds no Generator)."""
+
+    def limit(head: Prepared, options: GenerationOptions) -> int:
+        if setting != "auto":
+            return setting
+        if model.device.type != "cuda":
+            return runner.CPU_BATCH_SIZE
+        free, _ = torch.cuda.mem_get_info(model.device)
+        # Batch calls queue their longest rows first, so the head is the longest.
+        return runner.estimate_batch_size(
+            model.config.get_text_config(),
+            model.dtype,
+            head.length + options.max_new_tokens,
+            free,
+        )
+
+    return limit

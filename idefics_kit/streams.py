@@ -16,9 +16,8 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from idefics_kit.engine import TextDecoder
-from idefics_kit.errors import RequestTimeoutError
 from idefics_kit.options import GenerationOptions
-from idefics_kit.requests import Outcome, Request
+from idefics_kit.requests import Outcome, Request, timeout_error
 from idefics_kit.results import Result
 
 __all__ = ["AsyncTextStream", "TextStream"]
@@ -29,13 +28,6 @@ class _Final:
 
     def __init__(self, outcome: Outcome) -> None:
         self.outcome = outcome
-
-
-def _timeout_error(timeout: float | None) -> RequestTimeoutError:
-    return RequestTimeoutError(
-        f"no complete answer within timeout={timeout}s; the request was cancelled "
-        "(raise timeout, or lower max_new_tokens)"
-    )
 
 
 class _Pieces:
@@ -115,7 +107,7 @@ class TextStream:
         try:
             return self._queue.get(timeout=max(0.0, self._deadline - time.monotonic()))
         except queue.Empty:
-            raise _timeout_error(self._timeout) from None
+            raise timeout_error(self._timeout) from None
 
     def close(self) -> None:
         """Stop this stream's request at any stage (no effect once the stream is exhausted)."""
@@ -193,7 +185,7 @@ class AsyncTextStream:
         try:
             return await asyncio.wait_for(awaitable, max(0.0, self._deadline - self._loop.time()))
         except asyncio.TimeoutError:
-            raise _timeout_error(self._timeout) from None
+            raise timeout_error(self._timeout) from None
 
     def _cancel(self) -> None:
         self._pieces.done = True
