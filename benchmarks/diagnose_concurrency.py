@@ -5,7 +5,7 @@ prompt length before batching; concurrent callers arrive in any order. This
 times the same 64 conversations (benchmark 8's, small IDEFICS 2, 24 new
 tokens) as one sorted call against four calls of 16 in input order, the
 batches arrival order gives, with the prefill in parts of similar length
-(the SDK's default, ``idefics_kit.prefill``) and in one piece (as before it);
+(the SDK's default, ``idefics_kit.engine``) and in one piece (as before it);
 the sides alternate.
 
     .venv/bin/python benchmarks/diagnose_concurrency.py [--runs N] [--sweep]
@@ -29,10 +29,10 @@ from bench_batching import make_contents
 from bench_concurrency import BATCH, COUNT, MAX_NEW_TOKENS
 
 import idefics_kit.batching
-import idefics_kit.runner
+import idefics_kit.engine
 from idefics_kit import Generator
 
-IN_PARTS = idefics_kit.runner.prefill_parts
+IN_PARTS = idefics_kit.engine.prefill_parts
 
 
 def one_piece(lengths: list[int]) -> list[list[int]]:
@@ -85,13 +85,13 @@ def main() -> None:
             def run() -> None:
                 default = idefics_kit.batching.PREFILL_PART_COST
                 if cost is None:
-                    idefics_kit.runner.prefill_parts = one_piece
+                    idefics_kit.engine.prefill_parts = one_piece
                 else:
                     idefics_kit.batching.PREFILL_PART_COST = cost
                 try:
                     arrival_order(new_tokens)
                 finally:
-                    idefics_kit.runner.prefill_parts = IN_PARTS
+                    idefics_kit.engine.prefill_parts = IN_PARTS
                     idefics_kit.batching.PREFILL_PART_COST = default
 
             return run
