@@ -372,6 +372,7 @@ class Scheduler:
         started = time.perf_counter()
         if admitted:
             self._admit(admitted)
+            self._evict()  # rows done at their first token leave before the step
         rows = len(self._engine.rows)
         if rows:
             try:
