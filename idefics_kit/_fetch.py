@@ -236,7 +236,9 @@ def _resolve(host: str, port: int) -> list[str]:
 _POLL_SECONDS = 0.05
 
 
-def _resolve_by(host: str, port: int, deadline: float, cancellation: Cancellation | None) -> list[str]:
+def _resolve_by(
+    host: str, port: int, deadline: float, cancellation: Cancellation | None
+) -> list[str]:
     """:func:`_resolve` within ``deadline``: a resolver that hangs is left behind, not waited for.
 
     ``getaddrinfo`` cannot be interrupted, so it runs in a daemon thread and
@@ -247,7 +249,7 @@ def _resolve_by(host: str, port: int, deadline: float, cancellation: Cancellatio
     def work() -> None:
         try:
             answers.put(_resolve(host, port))
-        except BaseException as exc:  # handed to the waiting thread  # noqa: BLE001
+        except BaseException as exc:  # handed to the waiting thread
             answers.put(exc)
 
     threading.Thread(target=work, name="idefics-kit-dns", daemon=True).start()
