@@ -54,6 +54,7 @@ __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_URL_TIMEOUT",
+    "Cancellation",
     "ImageKind",
     "ImagePart",
 ]
@@ -426,6 +427,20 @@ class ImagePart:
         if max_size is None:
             return image
         return _shrunk(image, max_size, keep_aspect=keep_aspect)
+
+    def fetched(
+        self, *, deadline: float | None = None, cancellation: Cancellation | None = None
+    ) -> ImagePart:
+        """A URL part downloaded now, as a ``"bytes"`` part (same ``max_pixels``); others as is.
+
+        This splits a URL's network wait from its decoding, so that a server
+        can run them in different thread pools. ``deadline`` and
+        ``cancellation`` are as for :meth:`load`.
+        """
+        if self.kind != "url":
+            return self
+        data = self._encoded_bytes(deadline, cancellation)
+        return ImagePart(kind="bytes", max_pixels=self.max_pixels, _data=data)
 
     def sha256(self) -> str:
         """A hex SHA-256 identifying the image content.
