@@ -587,8 +587,10 @@ def test_metrics_text(fake_url: str) -> None:
     assert values[("idefics_kit_engine_tokens_per_second", ())] == 21.0
     assert values[("idefics_kit_engine_batches_total", ())] == 3
     assert "# TYPE idefics_kit_http_request_duration_seconds histogram" in text
-    assert httpx.get(f"{fake_url}/metrics").headers["content-type"].startswith(
-        "text/plain; version=0.0.4"
+    assert (
+        httpx.get(f"{fake_url}/metrics")
+        .headers["content-type"]
+        .startswith("text/plain; version=0.0.4")
     )
 
 
