@@ -258,15 +258,11 @@ class ImageLoader:
             for task in done:
                 task.result()  # the first failure, if any, is the answer
             if pending:
-                raise APIError(
-                    400,
-                    f"loading the request's images took longer than {limits.timeout:g} s (this "
-                    "server's --image-timeout); send smaller images or ones that download faster",
-                    param="messages",
-                    code="image_timeout",
-                )
+                raise _image_timeout(limits.timeout)
             loaded = [task.result() for task in tasks]
         except ImageLoadError as exc:
+            if time.monotonic() >= deadline:  # a download ended by the request's deadline
+                raise _image_timeout(limits.timeout) from exc
             raise APIError(400, str(exc), param="messages", code="invalid_image") from exc
         finally:
             # A failure, a timeout or a client that left: stop the rest now.
@@ -284,6 +280,16 @@ class ImageLoader:
         if self._downloader is None:
             self._downloader = ThreadPoolExecutor(DOWNLOAD_THREADS, "idefics-kit-download")
         return self._downloader
+
+
+def _image_timeout(seconds: float) -> APIError:
+    return APIError(
+        400,
+        f"loading the request's images took longer than {seconds:g} s (this server's "
+        "image timeout); send smaller images or ones that download faster",
+        param="messages",
+        code="image_timeout",
+    )
 
 
 def _fetch(part: ImagePart, deadline: float, cancellation: Cancellation) -> ImagePart:
