@@ -128,7 +128,10 @@ def image_fit(generator: Generator) -> tuple[tuple[int, int] | None, bool]:
             return (side, side), False
         return None, True
     size = getattr(image_processor, "size", None)
-    edge = size.get("longest_edge") if isinstance(size, dict) else None
+    # A dict in older transformers, a SizeDict (attributes) in 5.x.
+    edge = (
+        size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
+    )
     if isinstance(edge, int) and edge > 0:
         return (edge, edge), True
     return None, True
