@@ -35,6 +35,7 @@ REQUESTS = 6
 IMAGES = 8
 MIB = 1024 * 1024
 
+
 def memory() -> dict[str, int]:
     """VmRSS and VmHWM (peak) of this process, in bytes."""
     values = {}
@@ -96,7 +97,7 @@ def test_sixty_four_mpx_images_do_not_grow_the_server_by_gigabytes() -> None:
     # its oriented copy), plus the scaled-down images (here 48 x 96 x 96 px) and slack
     # for the interpreter, the request bodies and the allocator.
     bound = DECODE_THREADS * DEFAULT_MAX_IMAGE_PIXELS * 8 + 256 * MIB
-    print(  # noqa: T201 - the measurement, for -s runs
+    print(
         f"\n{REQUESTS} requests x {IMAGES} 4096x4096 PNGs: peak growth {growth / MIB:.0f} MiB "
         f"(bound {bound / MIB:.0f} MiB) in {seconds:.1f} s",
         file=sys.stderr,

@@ -210,6 +210,65 @@ def test_slow_drip_hits_the_overall_deadline(server: _Server) -> None:
     assert info.value.source == url
 
 
+def test_slow_dns_is_inside_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Name resolution was outside the download's deadline: a resolver that hangs held the
+    # thread for as long as it liked.
+    release = threading.Event()
+
+    def hanging(host: str, port: int) -> list[str]:
+        release.wait(10)
+        return ["192.0.2.1"]
+
+    monkeypatch.setattr(_fetch, "_resolve", hanging)
+    start = time.monotonic()
+    try:
+        with pytest.raises(ImageLoadError, match=r"took longer than 0\.6 s \(3 x timeout"):
+            ImagePart.from_url("http://slow-dns.example/a.png", timeout=0.2).load()
+        assert time.monotonic() - start < 1.5
+        # A caller's deadline (a server's per-request time) ends it sooner still.
+        start = time.monotonic()
+        with pytest.raises(ImageLoadError, match="did not finish within the time its request"):
+            ImagePart.from_url("http://slow-dns.example/a.png").load(
+                deadline=time.monotonic() + 0.3
+            )
+        assert time.monotonic() - start < 1.0
+    finally:
+        release.set()
+
+
+def test_cancellation_stops_a_download_at_once(server: _Server) -> None:
+    cancellation = _fetch.Cancellation()
+    timer = threading.Timer(0.3, cancellation.cancel)
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(ImageLoadError, match=r"the download of image .*/drip was cancelled"):
+        trusted(base(server) + "/drip", timeout=5).load(cancellation=cancellation)
+    assert time.monotonic() - start < 1.0
+    # Cancelled before it starts: no connection at all.
+    seen = len(server.seen())
+    with pytest.raises(ImageLoadError, match="was cancelled"):
+        trusted(base(server) + "/ok.png").load(cancellation=cancellation)
+    assert len(server.seen()) == seen
+
+
+def test_refusal_of_an_internal_name_does_not_tell_its_address(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_fetch, "_resolve", lambda host, port: ["10.20.30.40"])
+    with (
+        caplog.at_level("DEBUG", logger="idefics_kit.fetch"),
+        pytest.raises(ImageLoadError) as info,
+    ):
+        ImagePart.from_url("http://db.internal/a.png").load()
+    message = str(info.value)
+    assert message.startswith(
+        "refusing to fetch http://db.internal/a.png: its host 'db.internal' resolves to a "
+        "private/loopback address (private);"
+    ), message
+    assert "10.20.30.40" not in message
+    assert "db.internal resolves to 10.20.30.40 (private)" in caplog.text  # the log has it
+
+
 def test_silent_server_hits_the_read_timeout(server: _Server) -> None:
     start = time.monotonic()
     with pytest.raises(ImageLoadError, match=r"timed out after 0\.3 s downloading image"):

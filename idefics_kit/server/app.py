@@ -449,8 +449,11 @@ class ServerApp:
             await send_error(send, error)
             return
         self._chats += 1
+        # Handed over in a box so that the handler can drop the body once parsed.
+        box = [body]
+        del body
         try:
-            await self.chat.answer(body, exchange, receive, send)
+            await self.chat.answer(box, exchange, receive, send)
         finally:
             self._chats -= 1
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 import logging
 import time
@@ -207,6 +208,7 @@ class ImageLoader:
         self._metrics = metrics
         self._decoder: ThreadPoolExecutor | None = None
         self._downloader: ThreadPoolExecutor | None = None
+        self._bodies: asyncio.Semaphore | None = None
 
     def close(self) -> None:
         """Stop the thread pools (work not started is dropped)."""
@@ -238,13 +240,22 @@ class ImageLoader:
         downloads = asyncio.Semaphore(limits.max_downloads)
         loop = asyncio.get_running_loop()
 
+        if self._bodies is None:
+            self._bodies = asyncio.Semaphore(DOWNLOAD_THREADS)
+        bodies = self._bodies
+
         async def one(index: int, part: ImagePart) -> ImagePart:
+            decoder = self._pool("decode")
             if part.kind == "url":
-                async with downloads:
-                    part = await loop.run_in_executor(
+                # A downloaded body holds its slots until it is decoded: at most
+                # DOWNLOAD_THREADS bodies exist at once, whatever the requests.
+                async with downloads, bodies:
+                    fetched = await loop.run_in_executor(
                         self._pool("download"), _fetch, part, deadline, cancellation
                     )
-            image = await loop.run_in_executor(self._pool("decode"), _decode, part, limits)
+                    image = await loop.run_in_executor(decoder, _decode, fetched, limits)
+            else:
+                image = await loop.run_in_executor(decoder, _decode, part, limits)
             # Keep only what the image really holds from now on.
             kept = min(reserved[index], image.width * image.height)
             self.budget.release(reserved[index] - kept)
@@ -337,21 +348,34 @@ class ChatHandler:
         """Stop the image thread pools."""
         self.images.close()
 
-    async def answer(self, body: bytes, exchange: Exchange, receive: Receive, send: Send) -> None:
-        """Parse ``body`` and answer it on ``send``; a disconnect cancels the work."""
+    async def answer(
+        self, box: list[bytes], exchange: Exchange, receive: Receive, send: Send
+    ) -> None:
+        """Parse the body in ``box`` and answer it on ``send``; a disconnect cancels the work.
+
+        The body is taken out of ``box`` and dropped once parsed, and the
+        parsed conversation (with its encoded images) once its images are
+        decoded: a request holds its encoded images only while loading them.
+        """
+        body = box.pop()
         try:
             if len(body) > PARSE_IN_THREAD_BYTES:
-                chat = await asyncio.to_thread(self.parse, body)
+                parsed = await asyncio.to_thread(self.parse, body)
             else:
-                chat = self.parse(body)
+                parsed = self.parse(body)
         except APIError as exc:
             await send_error(send, exc)
             return
-        del body  # the parsed request holds what it needs
+        del body
+        pending = [parsed.conversation]
+        chat = dataclasses.replace(parsed, conversation=_NO_CONVERSATION)
+        del parsed
         if chat.stream:
-            work: Callable[[], Awaitable[None]] = lambda: self._stream(chat, exchange, send)  # noqa: E731
+            work: Callable[[], Awaitable[None]] = lambda: self._stream(  # noqa: E731
+                chat, pending, exchange, send
+            )
         else:
-            work = lambda: self._complete(chat, exchange, send)  # noqa: E731
+            work = lambda: self._complete(chat, pending, exchange, send)  # noqa: E731
         finished = await _unless_disconnected(work(), receive)
         if not finished:
             exchange.disconnected = True
@@ -389,10 +413,12 @@ class ChatHandler:
             result.usage.prompt_tokens, result.usage.completion_tokens, result.finish_reason
         )
 
-    async def _complete(self, chat: ChatRequest, exchange: Exchange, send: Send) -> None:
+    async def _complete(
+        self, chat: ChatRequest, pending: list[Conversation], exchange: Exchange, send: Send
+    ) -> None:
         held = [0]
         try:
-            conversation = await self.images.load(chat.conversation, held)
+            conversation = await self.images.load(pending.pop(), held)
             result = await self.generator.agenerate(
                 conversation, chat.options, timeout=self._timeout
             )
@@ -407,15 +433,22 @@ class ChatHandler:
         )
         await send_json(send, 200, body)
 
-    async def _stream(self, chat: ChatRequest, exchange: Exchange, send: Send) -> None:
+    async def _stream(
+        self, chat: ChatRequest, pending: list[Conversation], exchange: Exchange, send: Send
+    ) -> None:
         held = [0]
         try:
-            await self._stream_holding(chat, exchange, send, held)
+            await self._stream_holding(chat, pending, exchange, send, held)
         finally:
             self.images.budget.release(held[0])
 
     async def _stream_holding(
-        self, chat: ChatRequest, exchange: Exchange, send: Send, held: list[int]
+        self,
+        chat: ChatRequest,
+        pending: list[Conversation],
+        exchange: Exchange,
+        send: Send,
+        held: list[int],
     ) -> None:
         started = time.monotonic()
         created = schemas.now()
@@ -433,7 +466,7 @@ class ChatHandler:
 
         stream: Any = None
         try:
-            conversation = await self.images.load(chat.conversation, held)
+            conversation = await self.images.load(pending.pop(), held)
             stream = self.generator.astream(conversation, chat.options, timeout=self._timeout)
             # The first piece is awaited before the 200 goes out, so that a full
             # queue or a bad input still gets its own status.
@@ -492,6 +525,7 @@ class ChatHandler:
 # -- helpers (shared with app.py) ---------------------------------------------------------
 
 _JSON = b"application/json"
+_NO_CONVERSATION = Conversation()
 
 
 def model_not_found(name: str) -> APIError:
