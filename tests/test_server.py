@@ -1165,6 +1165,9 @@ def test_serve_flags_are_checked_before_loading(capsys: pytest.CaptureFixture[st
     assert "--port: must be a port number 0-65535" in capsys.readouterr().err
     assert main(["serve", "--max-request-bytes", "0"]) == 2
     assert main(["serve", "--drain-seconds", "-1"]) == 2
+    assert main(["serve", "--body-timeout", "0"]) == 2
+    assert "--body-timeout: must be a number of seconds > 0, got '0'" in capsys.readouterr().err
+    assert main(["serve", "--max-decoded-pixels", "0"]) == 2
     assert main(["serve", "--allowed-local-media-path", "/no/such/folder"]) == 2
     assert "is not a folder" in capsys.readouterr().err
     assert main(["serve", "--help"]) == 0
@@ -1175,6 +1178,12 @@ def test_serve_flags_are_checked_before_loading(capsys: pytest.CaptureFixture[st
         "--max-queued",
         "--access-log",
         "--drain-seconds",
+        "--metrics-without-key",
+        "--body-timeout",
+        "--max-receiving-requests",
+        "--max-decoded-pixels",
+        "--image-timeout",
+        "--max-downloads-per-request",
     ):
         assert flag in text
 

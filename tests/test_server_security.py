@@ -491,3 +491,15 @@ def test_a_request_waits_for_room_then_gets_503() -> None:
         first.join(10)
         assert app.chat.images.budget.held == 0
         assert chat(url, body).status_code == 200
+
+
+def test_a_budget_too_small_for_one_request_is_refused_at_start(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from idefics_kit.cli import main
+
+    # The toy keeps at most 96 x 96 pixels of an image: 8 images need 73,728.
+    assert main(["serve", "--max-decoded-pixels", "73727", "--device", "cpu", "--quiet"]) == 2
+    error = capsys.readouterr().err
+    assert "max_decoded_pixels=73727 cannot hold one request's images" in error
+    assert "8 images of up to 9216 pixels each once scaled down need 73728" in error

@@ -40,7 +40,13 @@ from idefics_kit.errors import IdeficsKitError, ImageLoadError
 from idefics_kit.images import Cancellation, ImagePart
 from idefics_kit.results import Result
 from idefics_kit.server import schemas
-from idefics_kit.server.errors import APIError, from_sdk_error, internal_error, overloaded
+from idefics_kit.server.errors import (
+    APIError,
+    capped,
+    from_sdk_error,
+    internal_error,
+    overloaded,
+)
 from idefics_kit.server.metrics import Metrics
 from idefics_kit.server.schemas import ChatRequest, ImagePolicy
 
@@ -277,7 +283,7 @@ class ImageLoader:
         except ImageLoadError as exc:
             if time.monotonic() >= deadline:  # a download ended by the request's deadline
                 raise _image_timeout(limits.timeout) from exc
-            raise APIError(400, str(exc), param="messages", code="invalid_image") from exc
+            raise APIError(400, capped(str(exc)), param="messages", code="invalid_image") from exc
         finally:
             # A failure, a timeout or a client that left: stop the rest now.
             cancellation.cancel()

@@ -48,7 +48,7 @@ from idefics_kit.errors import ConversationError, IdeficsKitError, ImageLoadErro
 from idefics_kit.images import ImagePart
 from idefics_kit.options import GenerationOptions
 from idefics_kit.results import Result, TokenLogprob
-from idefics_kit.server.errors import APIError
+from idefics_kit.server.errors import APIError, capped
 
 __all__ = [
     "ChatRequest",
@@ -103,7 +103,9 @@ class ImagePolicy:
                     allow_private_network=self.allow_private_network,
                 )
         except ImageLoadError as exc:
-            raise APIError(400, f"{where}: {exc}", param=where, code="invalid_image") from exc
+            raise APIError(
+                400, capped(f"{where}: {exc}"), param=where, code="invalid_image"
+            ) from exc
         return ImagePart.from_path(self._local_path(url, where), max_pixels=self.max_pixels)
 
     def _local_path(self, url: str, where: str) -> str:
