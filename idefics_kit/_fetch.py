@@ -315,11 +315,11 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
         self._timeout = timeout
         self.opened: socket.socket | None = None
         """The connected socket; unlike ``sock`` it stays set while the response is read."""
+        self.watchdog: _Watchdog | None = None
 
     def connect(self) -> None:
-        self.sock = self.opened = _connect_any(
-            self._addresses, self.port, self._timeout, self._deadline
-        )
+        self.sock = _connect_any(self._addresses, self.port, self._timeout, self._deadline)
+        _opened(self, self.sock)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
@@ -340,6 +340,7 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self._tls = context
         self.opened: socket.socket | None = None
         """The connected socket; unlike ``sock`` it stays set while the response is read."""
+        self.watchdog: _Watchdog | None = None
 
     def connect(self) -> None:
         raw = _connect_any(self._addresses, self.port, self._timeout, self._deadline)
@@ -351,11 +352,26 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
             raw.close()
             raise
         # Set before the handshake so that the watchdog can interrupt it.
-        self.sock = self.opened = tls
+        self.sock = tls
+        _opened(self, tls)
         tls.do_handshake()
 
 
 _Pinned: TypeAlias = _PinnedHTTPConnection | _PinnedHTTPSConnection
+
+
+def _opened(connection: _Pinned, sock: socket.socket) -> None:
+    """Record the connected socket; shut it at once if the watchdog fired while connecting."""
+    watchdog = connection.watchdog
+    if watchdog is None:
+        connection.opened = sock
+        return
+    with watchdog.lock:
+        connection.opened = sock
+        fired = watchdog.fired
+    if fired:
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def _connection(
@@ -377,7 +393,8 @@ class _Watchdog:
     ) -> None:
         self._connection = connection
         self._cancellation = cancellation
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
+        connection.watchdog = self
         self._stopped = False
         self.fired = False
         self.cancelled = False
@@ -391,7 +408,7 @@ class _Watchdog:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        with self._lock:
+        with self.lock:
             self._stopped = True
         self._timer.cancel()
         if self._cancellation is not None:
@@ -401,7 +418,7 @@ class _Watchdog:
         self._fire(cancelled=True)
 
     def _fire(self, *, cancelled: bool = False) -> None:
-        with self._lock:
+        with self.lock:
             if self._stopped or self.fired:
                 return
             self.fired = True

@@ -251,6 +251,23 @@ def test_cancellation_stops_a_download_at_once(server: _Server) -> None:
     assert len(server.seen()) == seen
 
 
+def test_cancellation_while_connecting_is_not_missed(
+    server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cancellation = _fetch.Cancellation()
+    real_open = _fetch._open_socket
+
+    def open_then_cancel(address: str, port: int, timeout: float) -> socket.socket:
+        cancellation.cancel()  # lands after the watchdog started, before the socket is known
+        return real_open(address, port, timeout)
+
+    monkeypatch.setattr(_fetch, "_open_socket", open_then_cancel)
+    start = time.monotonic()
+    with pytest.raises(ImageLoadError, match="was cancelled"):
+        trusted(base(server) + "/drip", timeout=5).load(cancellation=cancellation)
+    assert time.monotonic() - start < 1.0
+
+
 def test_refusal_of_an_internal_name_does_not_tell_its_address(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
