@@ -53,7 +53,7 @@ def big_png_uri() -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def test_sixty_four_mpx_images_do_not_grow_the_server_by_gigabytes() -> None:
+def test_requests_of_eight_4096px_pngs_do_not_grow_the_server_by_gigabytes() -> None:
     uri = big_png_uri()
     part = {"type": "image_url", "image_url": {"url": uri}}
     body = {
