@@ -1188,7 +1188,7 @@ def test_serve_flags_are_checked_before_loading(capsys: pytest.CaptureFixture[st
         assert flag in text
 
 
-def test_concurrent_request_bound_503_before_reading() -> None:
+def test_concurrent_request_bound_503_once_the_body_is_in() -> None:
     slow = FakeGenerator(pieces=("a",) * 20, delay=0.05)
     app = create_app(slow, served_model_name=MODEL, max_concurrent_requests=1)  # type: ignore[arg-type]
     with serving(app) as url:
