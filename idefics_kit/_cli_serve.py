@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import copy
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -41,13 +42,20 @@ _DEFAULT_MAX_REQUEST_BYTES = 32 * 1024 * 1024
 _DEFAULT_MAX_IMAGES = 8
 _DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 _DEFAULT_MAX_CONCURRENT_REQUESTS = 256
+_DEFAULT_MAX_RECEIVING_REQUESTS = 64
+_DEFAULT_BODY_TIMEOUT = 30.0
+_DEFAULT_MAX_DECODED_PIXELS = 256 * 1024 * 1024
+_DEFAULT_IMAGE_TIMEOUT = 30.0
+_DEFAULT_MAX_DOWNLOADS_PER_REQUEST = 4
 
 SERVE_EPILOG = f"""\
 The API is OpenAI's chat completions: POST /v1/chat/completions (images as
 data: URIs or http(s) URLs, streaming with "stream": true), GET /v1/models,
 GET /health, GET /metrics (Prometheus). Loopback only and no API key by
 default; before listening on another address set an API key (prefer the
-{API_KEY_ENV} environment variable: a --api-key value shows in `ps`).
+{API_KEY_ENV} environment variable: a --api-key value shows in `ps`). The key
+guards every route but /health (and /metrics with --metrics-without-key).
+docs/server.md ("Security") gives the memory the limits add up to.
 
 examples:
   {PROG} serve                                   # the built-in toy model on 127.0.0.1:8000
@@ -58,6 +66,16 @@ examples:
            {{"type": "image_url", "image_url": {{"url": "data:image/png;base64,..."}}}},
            {{"type": "text", "text": "What color is the shape?"}}]}}]}}'
 """
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    return value
 
 
 def _port(text: str) -> int:
@@ -83,8 +101,13 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
     net.add_argument(
         "--api-key",
         metavar="KEY",
-        help=f"require 'Authorization: Bearer KEY' on /v1/... (default: ${API_KEY_ENV}; "
-        "none when unset)",
+        help=f"require 'Authorization: Bearer KEY' on every route but /health (default: "
+        f"${API_KEY_ENV}; none when unset)",
+    )
+    net.add_argument(
+        "--metrics-without-key",
+        action="store_true",
+        help="let /metrics be scraped without the API key (default: it needs the key)",
     )
     net.add_argument(
         "--drain-seconds",
@@ -124,6 +147,31 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         f"{_DEFAULT_MAX_IMAGE_PIXELS})",
     )
     limits.add_argument(
+        "--max-decoded-pixels",
+        type=positive_int,
+        default=_DEFAULT_MAX_DECODED_PIXELS,
+        metavar="N",
+        help="decoded image pixels (scaled down to what the model uses) held by all requests "
+        "together; a request waits up to --image-timeout for room, then gets 503 (default: "
+        f"{_DEFAULT_MAX_DECODED_PIXELS})",
+    )
+    limits.add_argument(
+        "--image-timeout",
+        type=_positive_float,
+        default=_DEFAULT_IMAGE_TIMEOUT,
+        metavar="S",
+        help="seconds a request may spend loading its images, downloads (DNS included) and "
+        f"decoding (default: {_DEFAULT_IMAGE_TIMEOUT:g})",
+    )
+    limits.add_argument(
+        "--max-downloads-per-request",
+        type=positive_int,
+        default=_DEFAULT_MAX_DOWNLOADS_PER_REQUEST,
+        metavar="N",
+        help="image URLs of one request downloaded at once (default: "
+        f"{_DEFAULT_MAX_DOWNLOADS_PER_REQUEST})",
+    )
+    limits.add_argument(
         "--max-request-bytes",
         type=positive_int,
         default=_DEFAULT_MAX_REQUEST_BYTES,
@@ -136,9 +184,25 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         type=positive_int,
         default=_DEFAULT_MAX_CONCURRENT_REQUESTS,
         metavar="N",
-        help="chat completions held at once (read, decoded, queued or generating); more get "
-        f"503 with Retry-After before their body is read (default: "
+        help="chat completions held at once once their body has arrived (decoded, queued or "
+        f"generating); more get 503 with Retry-After (default: "
         f"{_DEFAULT_MAX_CONCURRENT_REQUESTS})",
+    )
+    limits.add_argument(
+        "--max-receiving-requests",
+        type=positive_int,
+        default=_DEFAULT_MAX_RECEIVING_REQUESTS,
+        metavar="N",
+        help="chat completions whose body is still arriving; more get 503 with Retry-After "
+        f"(default: {_DEFAULT_MAX_RECEIVING_REQUESTS})",
+    )
+    limits.add_argument(
+        "--body-timeout",
+        type=_positive_float,
+        default=_DEFAULT_BODY_TIMEOUT,
+        metavar="S",
+        help="seconds a client has to send its whole request body; a slower one gets 408 "
+        f"(default: {_DEFAULT_BODY_TIMEOUT:g})",
     )
     engine = parser.add_argument_group("engine (defaults: Generator.from_pretrained)")
     engine.add_argument(
@@ -225,18 +289,27 @@ def run_serve(
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
     gen = load()
     try:
-        app = create_app(
-            gen,
-            served_model_name=args.served_model_name or model,
-            api_key=api_key or None,
-            allow_private_network=args.allow_private_network,
-            allowed_local_media_path=args.allowed_local_media_path,
-            max_images_per_request=args.max_images_per_request,
-            max_image_pixels=args.max_image_pixels,
-            max_request_bytes=args.max_request_bytes,
-            max_concurrent_requests=args.max_concurrent_requests,
-            request_timeout=args.request_timeout,
-        )
+        try:
+            app = create_app(
+                gen,
+                served_model_name=args.served_model_name or model,
+                api_key=api_key or None,
+                metrics_without_key=args.metrics_without_key,
+                allow_private_network=args.allow_private_network,
+                allowed_local_media_path=args.allowed_local_media_path,
+                max_images_per_request=args.max_images_per_request,
+                max_image_pixels=args.max_image_pixels,
+                max_decoded_pixels=args.max_decoded_pixels,
+                image_timeout=args.image_timeout,
+                max_downloads_per_request=args.max_downloads_per_request,
+                max_request_bytes=args.max_request_bytes,
+                max_concurrent_requests=args.max_concurrent_requests,
+                max_receiving_requests=args.max_receiving_requests,
+                body_timeout=args.body_timeout,
+                request_timeout=args.request_timeout,
+            )
+        except ValueError as exc:  # a limit that cannot work with this model
+            raise CliExit(f"serve: {exc}", 2) from exc
         config = uvicorn.Config(
             app,
             host=args.host,

@@ -11,8 +11,14 @@ refused before connecting, for the first URL and for every redirect); the
 connection goes to the checked addresses, never resolving the name again; at
 most five redirects are followed, each to http(s) only; the response must have
 an image (or octet-stream) Content-Type; the body is abandoned as soon as it is
-over ``max_bytes``; and the whole download, redirects included, must finish
-within three times ``timeout``.
+over ``max_bytes``; and the whole download, redirects included and name
+resolution too, must finish within three times ``timeout`` (or by the caller's
+``deadline``, when sooner). A :class:`Cancellation` stops downloads in progress
+from another thread (a server cancels those of a client that left).
+
+A refusal says which host was refused and why, never the address it resolved
+to: for an internal host name that would tell the client an internal address
+(the address goes to the debug log).
 """
 
 from __future__ import annotations
@@ -21,19 +27,24 @@ import contextlib
 import functools
 import http.client
 import ipaddress
+import logging
+import queue
 import re
 import socket
 import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
+from idefics_kit._quote import QUOTE_CHARS, short_repr
 from idefics_kit.errors import ImageLoadError
 
-__all__ = ["check_url", "download"]
+__all__ = ["Cancellation", "check_url", "download"]
+
+logger = logging.getLogger("idefics_kit.fetch")
 
 _URL_SCHEMES = ("http", "https")
 _MAX_REDIRECTS = 5
@@ -64,6 +75,49 @@ _METADATA_ADDRESSES = frozenset(
     }
 )
 _NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+class Cancellation:
+    """A switch that stops downloads in progress, from any thread.
+
+    Pass it to :func:`download`; :meth:`cancel` shuts the connections of
+    every download using it and makes them (and later ones) raise
+    :class:`~idefics_kit.errors.ImageLoadError` saying they were cancelled.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._hooks: set[Callable[[], None]] = set()
+
+    @property
+    def cancelled(self) -> bool:
+        """True once :meth:`cancel` was called."""
+        return self._cancelled
+
+    def cancel(self) -> None:
+        """Stop every download using this switch; idempotent."""
+        with self._lock:
+            self._cancelled = True
+            hooks = list(self._hooks)
+        for hook in hooks:
+            hook()
+
+    def _watch(self, hook: Callable[[], None]) -> bool:
+        """Call ``hook`` on cancel; False (and no hook) when already cancelled."""
+        with self._lock:
+            if self._cancelled:
+                return False
+            self._hooks.add(hook)
+            return True
+
+    def _unwatch(self, hook: Callable[[], None]) -> None:
+        with self._lock:
+            self._hooks.discard(hook)
+
+
+class _Cancelled(Exception):
+    """The download's :class:`Cancellation` was set."""
 
 
 # -- URLs: parsing and the address policy --------------------------------------------
@@ -174,9 +228,44 @@ def _address_problem(address: str) -> str | None:
 
 
 def _resolve(host: str, port: int) -> list[str]:
-    """Every address ``host`` resolves to, in resolver order."""
+    """Every address ``host`` resolves to, in resolver order (the tests fake DNS here)."""
     infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+_POLL_SECONDS = 0.05
+
+
+def _resolve_by(
+    host: str, port: int, deadline: float, cancellation: Cancellation | None
+) -> list[str]:
+    """:func:`_resolve` within ``deadline``: a resolver that hangs is left behind, not waited for.
+
+    ``getaddrinfo`` cannot be interrupted, so it runs in a daemon thread and
+    its answer is awaited only until the deadline (or a cancellation).
+    """
+    answers: queue.SimpleQueue[list[str] | BaseException] = queue.SimpleQueue()
+
+    def work() -> None:
+        try:
+            answers.put(_resolve(host, port))
+        except BaseException as exc:  # handed to the waiting thread
+            answers.put(exc)
+
+    threading.Thread(target=work, name="idefics-kit-dns", daemon=True).start()
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the download's time ran out while resolving the host name")
+        if cancellation is not None and cancellation.cancelled:
+            raise _Cancelled
+        try:
+            answer = answers.get(timeout=min(remaining, _POLL_SECONDS))
+        except queue.Empty:
+            continue
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
 
 
 # -- URLs: connections ------------------------------------------------------------------
@@ -226,11 +315,11 @@ class _PinnedHTTPConnection(http.client.HTTPConnection):
         self._timeout = timeout
         self.opened: socket.socket | None = None
         """The connected socket; unlike ``sock`` it stays set while the response is read."""
+        self.watchdog: _Watchdog | None = None
 
     def connect(self) -> None:
-        self.sock = self.opened = _connect_any(
-            self._addresses, self.port, self._timeout, self._deadline
-        )
+        self.sock = _connect_any(self._addresses, self.port, self._timeout, self._deadline)
+        _opened(self, self.sock)
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
@@ -251,6 +340,7 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
         self._tls = context
         self.opened: socket.socket | None = None
         """The connected socket; unlike ``sock`` it stays set while the response is read."""
+        self.watchdog: _Watchdog | None = None
 
     def connect(self) -> None:
         raw = _connect_any(self._addresses, self.port, self._timeout, self._deadline)
@@ -262,11 +352,26 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
             raw.close()
             raise
         # Set before the handshake so that the watchdog can interrupt it.
-        self.sock = self.opened = tls
+        self.sock = tls
+        _opened(self, tls)
         tls.do_handshake()
 
 
 _Pinned: TypeAlias = _PinnedHTTPConnection | _PinnedHTTPSConnection
+
+
+def _opened(connection: _Pinned, sock: socket.socket) -> None:
+    """Record the connected socket; shut it at once if the watchdog fired while connecting."""
+    watchdog = connection.watchdog
+    if watchdog is None:
+        connection.opened = sock
+        return
+    with watchdog.lock:
+        connection.opened = sock
+        fired = watchdog.fired
+    if fired:
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
 
 
 def _connection(
@@ -283,28 +388,41 @@ class _Watchdog:
     enough; this bounds the whole exchange, headers and TLS handshake included.
     """
 
-    def __init__(self, connection: _Pinned, deadline: float) -> None:
+    def __init__(
+        self, connection: _Pinned, deadline: float, cancellation: Cancellation | None
+    ) -> None:
         self._connection = connection
-        self._lock = threading.Lock()
+        self._cancellation = cancellation
+        self.lock = threading.Lock()
+        connection.watchdog = self
         self._stopped = False
         self.fired = False
+        self.cancelled = False
         self._timer = threading.Timer(max(0.0, deadline - time.monotonic()), self._fire)
         self._timer.daemon = True
 
     def __enter__(self) -> _Watchdog:
+        if self._cancellation is not None and not self._cancellation._watch(self._cancel):
+            self._cancel()
         self._timer.start()
         return self
 
     def __exit__(self, *exc_info: object) -> None:
-        with self._lock:
+        with self.lock:
             self._stopped = True
         self._timer.cancel()
+        if self._cancellation is not None:
+            self._cancellation._unwatch(self._cancel)
 
-    def _fire(self) -> None:
-        with self._lock:
-            if self._stopped:
+    def _cancel(self) -> None:
+        self._fire(cancelled=True)
+
+    def _fire(self, *, cancelled: bool = False) -> None:
+        with self.lock:
+            if self._stopped or self.fired:
                 return
             self.fired = True
+            self.cancelled = cancelled
             sock = self._connection.opened
             if sock is not None:
                 # The plain socket method: it only touches the file descriptor,
@@ -323,6 +441,11 @@ def _content_type_problem(header: str | None) -> str | None:
     return mime
 
 
+def _short(url: str) -> str:
+    """A URL for a message: whole when short, else its first characters and ``...``."""
+    return url if len(url) <= 2 * QUOTE_CHARS else url[:QUOTE_CHARS] + "..."
+
+
 # -- checking and downloading ------------------------------------------------------------
 
 
@@ -335,21 +458,35 @@ def check_url(url: str) -> str:
         _split_url(url)
     except _URLProblem as exc:
         if str(exc).startswith("scheme"):
-            message = f"image URL {exc} in {url!r}; use from_path() for local files"
+            message = f"image URL {exc} in {short_repr(url)}; use from_path() for local files"
         else:
-            message = f"image URL {exc}: {url!r}"
+            message = f"image URL {exc}: {short_repr(url)}"
         raise ImageLoadError(message, source=url) from exc
     return url
 
 
-def download(url: str, *, timeout: float, max_bytes: int, allow_private_network: bool) -> bytes:
+def download(
+    url: str,
+    *,
+    timeout: float,
+    max_bytes: int,
+    allow_private_network: bool,
+    deadline: float | None = None,
+    cancellation: Cancellation | None = None,
+) -> bytes:
     """The body of ``url``, following at most five redirects, each one checked.
 
     ``timeout`` is in seconds, for connecting and for each read; the whole
-    download must finish within three times that. Addresses that are not
-    public internet addresses are refused unless ``allow_private_network``.
+    download, name resolution included, must finish within three times that,
+    and by ``deadline`` (a :func:`time.monotonic` value) when one is given.
+    Addresses that are not public internet addresses are refused unless
+    ``allow_private_network``. ``cancellation`` stops the download from
+    another thread.
     """
-    return _Download(url, timeout, max_bytes, allow_private_network).run()
+    own = time.monotonic() + timeout * _TOTAL_TIMEOUT_FACTOR
+    by_caller = deadline is not None and deadline < own
+    job = _Download(url, timeout, max_bytes, allow_private_network, by_caller, cancellation)
+    return job.run(min(own, deadline) if deadline is not None else own)
 
 
 @dataclass(frozen=True, slots=True)
@@ -360,15 +497,17 @@ class _Download:
     timeout: float
     max_bytes: int
     allow_private_network: bool
+    caller_deadline: bool
+    """True when the caller's deadline, not ``3 x timeout``, ends the download."""
+    cancellation: Cancellation | None
 
-    def run(self) -> bytes:
+    def run(self, deadline: float) -> bytes:
         """The body of the URL, following at most five redirects, each one checked."""
         url = self.url
-        deadline = time.monotonic() + self.timeout * _TOTAL_TIMEOUT_FACTOR
         try:
             target = _split_url(url)
         except _URLProblem as exc:  # check_url passed it; only a hand-built part gets here
-            raise ImageLoadError(f"image URL {exc}: {url!r}", source=url) from exc
+            raise ImageLoadError(f"image URL {exc}: {short_repr(url)}", source=url) from exc
         for redirects in range(_MAX_REDIRECTS + 1):
             outcome = self._fetch(target, deadline)
             if isinstance(outcome, bytes):
@@ -376,7 +515,7 @@ class _Download:
             if redirects == _MAX_REDIRECTS:
                 raise ImageLoadError(
                     f"image URL {url} redirected more than {_MAX_REDIRECTS} times (the last "
-                    f"redirect pointed to {outcome.location!r}); check the URL",
+                    f"redirect pointed to {short_repr(outcome.location)}); check the URL",
                     source=url,
                 )
             target = self._redirect_target(target, outcome.location)
@@ -384,8 +523,8 @@ class _Download:
 
     def _where(self, target: _Target) -> str:
         if target.url == self.url:
-            return target.url
-        return f"{target.url} (redirected from {self.url})"
+            return _short(target.url)
+        return f"{_short(target.url)} (redirected from {_short(self.url)})"
 
     def _redirect_target(self, current: _Target, location: str) -> _Target:
         """The checked target of a redirect (its addresses are checked when fetched)."""
@@ -395,15 +534,19 @@ class _Download:
             return _split_url(new_url)
         except (_URLProblem, ValueError) as exc:
             raise ImageLoadError(
-                f"redirect to {new_url!r} refused: the URL {exc} (redirected from "
+                f"redirect to {short_repr(new_url)} refused: the URL {exc} (redirected from "
                 f"{current.url}); only {' and '.join(_URL_SCHEMES)} URLs with a host are followed",
                 source=self.url,
             ) from exc
 
-    def _checked_addresses(self, target: _Target) -> list[str]:
+    def _checked_addresses(self, target: _Target, deadline: float) -> list[str]:
         """The addresses of the target's host, refused unless the policy allows all of them."""
         try:
-            addresses = _resolve(target.host, target.port)
+            addresses = _resolve_by(target.host, target.port, deadline, self.cancellation)
+        except _Cancelled:
+            raise self._cancelled_error(target) from None
+        except TimeoutError as exc:
+            raise self._network_error(exc, target, fired=True) from exc
         except (OSError, UnicodeError) as exc:
             raise ImageLoadError(
                 f"could not resolve the host {target.host!r} of image URL {self._where(target)} "
@@ -419,28 +562,37 @@ class _Download:
         for address in [] if self.allow_private_network else addresses:
             problem = _address_problem(address)
             if problem is not None:
+                # The address stays in the log: for an internal host name it is an
+                # internal address, which the client must not learn.
+                logger.debug(
+                    "refused %s: %s resolves to %s (%s)", target.url, target.host, address, problem
+                )
                 raise ImageLoadError(
-                    f"refusing to fetch {self._where(target)}: it resolves to a private/loopback "
-                    f"address ({target.host} -> {address}: {problem}); by default only public "
-                    "internet addresses are fetched, so that a URL from a user cannot reach "
-                    "internal services; pass allow_private_network=True for trusted setups",
+                    f"refusing to fetch {self._where(target)}: its host {target.host!r} "
+                    f"resolves to a private/loopback address ({problem}); by default only "
+                    "public internet addresses are fetched, so that a URL from a user cannot "
+                    "reach internal services; pass allow_private_network=True for trusted setups",
                     source=self.url,
                 )
         return addresses
 
     def _fetch(self, target: _Target, deadline: float) -> bytes | _Redirect:
         """One request: the body, or where a redirect points."""
-        addresses = self._checked_addresses(target)
+        addresses = self._checked_addresses(target, deadline)
         connection = _connection(target, addresses, self.timeout, deadline)
         try:
-            with _Watchdog(connection, deadline) as watchdog:
+            with _Watchdog(connection, deadline, self.cancellation) as watchdog:
                 try:
                     outcome = self._exchange(connection, target)
                 except (ImageLoadError, OSError, http.client.HTTPException, ValueError) as exc:
                     # Once the deadline has cut the connection, any error is the timeout.
                     if isinstance(exc, ImageLoadError) and not watchdog.fired:
                         raise
+                    if watchdog.cancelled:
+                        raise self._cancelled_error(target) from exc
                     raise self._network_error(exc, target, watchdog.fired) from exc
+                if watchdog.cancelled:
+                    raise self._cancelled_error(target)
                 if watchdog.fired:
                     raise self._network_error(TimeoutError(), target, fired=True)
         finally:
@@ -511,9 +663,19 @@ class _Download:
             chunks.append(chunk)
         return b"".join(chunks)
 
+    def _cancelled_error(self, target: _Target) -> ImageLoadError:
+        return ImageLoadError(
+            f"the download of image {self._where(target)} was cancelled", source=self.url
+        )
+
     def _network_error(self, exc: BaseException, target: _Target, fired: bool) -> ImageLoadError:
         where = self._where(target)
-        if fired:
+        if fired and self.caller_deadline:
+            message = (
+                f"timed out: downloading image {where} did not finish within the time its "
+                "request allows for loading images"
+            )
+        elif fired:
             total = self.timeout * _TOTAL_TIMEOUT_FACTOR
             message = (
                 f"timed out: downloading image {where} took longer than {total:g} s "

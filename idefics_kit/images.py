@@ -47,13 +47,14 @@ from idefics_kit._decode import (
     sniff_mime,
     split_data_uri,
 )
-from idefics_kit._fetch import check_url, download
+from idefics_kit._fetch import Cancellation, check_url, download
 from idefics_kit.errors import ConversationError, ImageLoadError, InvalidParameterError
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_URL_TIMEOUT",
+    "Cancellation",
     "ImageKind",
     "ImagePart",
 ]
@@ -97,6 +98,27 @@ def _check_bool(name: str, value: object) -> bool:
     if not isinstance(value, bool):
         raise InvalidParameterError(name, f"{name} must be True or False, got {value!r}", value)
     return value
+
+
+def _shrunk(
+    image: Image.Image, max_size: tuple[int, int], *, keep_aspect: bool = True
+) -> Image.Image:
+    """``image`` scaled down to fit ``max_size`` (see :meth:`ImagePart.load`); itself if it fits."""
+    width, height = image.size
+    max_width, max_height = max_size
+    if width <= max_width and height <= max_height:
+        return image
+    if keep_aspect:
+        scale = min(max_width / width, max_height / height)
+        size = (
+            min(max_width, max(1, round(width * scale))),
+            min(max_height, max(1, round(height * scale))),
+        )
+    else:
+        size = (min(width, max_width), min(height, max_height))
+    # reducing_gap: a fast box reduction first, then bicubic; the large image
+    # is dropped as soon as the small one exists.
+    return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 # -- ImagePart --------------------------------------------------------------------------
@@ -362,7 +384,14 @@ class ImagePart:
             return f"<array shape={self._array.shape} dtype={self._array.dtype}>"
         return f"<{self.kind}>"
 
-    def load(self) -> Image.Image:
+    def load(
+        self,
+        *,
+        max_size: tuple[int, int] | None = None,
+        keep_aspect: bool = True,
+        deadline: float | None = None,
+        cancellation: Cancellation | None = None,
+    ) -> Image.Image:
         """Read and decode the image into a new 8-bit RGB PIL image.
 
         EXIF orientation is applied, an animated image gives its first frame,
@@ -370,15 +399,48 @@ class ImagePart:
         source cannot be read or decoded, is not in a decoded format (PNG,
         JPEG, GIF, WEBP, BMP, TIFF, PPM, ICO, AVIF), or has more than
         ``max_pixels`` pixels.
+
+        ``max_size=(width, height)`` scales a larger image down right after
+        decoding (bicubic, with Pillow's reducing filter), so that only the
+        small copy is kept: to at most that box keeping the aspect ratio, or
+        with ``keep_aspect=False`` each side to at most its bound on its own.
+        An image already within the box is returned exactly as decoded. A
+        server passes what the model's processor resizes to, so nothing the
+        model would see is lost.
+
+        For a URL, ``deadline`` (a :func:`time.monotonic` value) ends the
+        download, name resolution included, and ``cancellation`` stops it
+        from another thread.
         """
+        if max_size is not None:
+            width, height = max_size
+            _check_positive_int("max_size width", width)
+            _check_positive_int("max_size height", height)
         try:
-            return self._load()
+            image = self._load(deadline, cancellation)
         except ImageLoadError:
             raise
         # Corrupt files make Pillow's plugins raise almost anything (OSError,
         # SyntaxError, struct.error, IndexError...), so catch them all here.
         except Exception as exc:
             raise self._decode_error(exc) from exc
+        if max_size is None:
+            return image
+        return _shrunk(image, max_size, keep_aspect=keep_aspect)
+
+    def fetched(
+        self, *, deadline: float | None = None, cancellation: Cancellation | None = None
+    ) -> ImagePart:
+        """A URL part downloaded now, as a ``"bytes"`` part (same ``max_pixels``); others as is.
+
+        This splits a URL's network wait from its decoding, so that a server
+        can run them in different thread pools. ``deadline`` and
+        ``cancellation`` are as for :meth:`load`.
+        """
+        if self.kind != "url":
+            return self
+        data = self._encoded_bytes(deadline, cancellation)
+        return ImagePart(kind="bytes", max_pixels=self.max_pixels, _data=data)
 
     def sha256(self) -> str:
         """A hex SHA-256 identifying the image content.
@@ -466,31 +528,35 @@ class ImagePart:
 
     # -- internals: decoding ----------------------------------------------------
 
-    def _encoded_bytes(self) -> bytes:
+    def _encoded_bytes(
+        self, deadline: float | None = None, cancellation: Cancellation | None = None
+    ) -> bytes:
         if self.kind == "url":
             return download(
                 str(self._location),
                 timeout=self._timeout,
                 max_bytes=self._max_bytes,
                 allow_private_network=self.allow_private_network,
+                deadline=deadline,
+                cancellation=cancellation,
             )
         assert self._data is not None  # __post_init__ guarantees it for bytes and base64
         return self._data
 
-    def _load(self) -> Image.Image:
+    def _load(self, deadline: float | None, cancellation: Cancellation | None) -> Image.Image:
         if self.kind == "pil":
             assert self._image is not None
             return self._convert(self._image)
         if self.kind == "array":
             assert self._array is not None
             return self._convert(Image.fromarray(self._array))
-        with self._open_stream() as stream:
+        with self._open_stream(deadline, cancellation) as stream:
             return decode(stream, max_pixels=self.max_pixels, source=self.describe())
 
-    def _open_stream(self) -> IO[bytes]:
+    def _open_stream(self, deadline: float | None, cancellation: Cancellation | None) -> IO[bytes]:
         if self.kind == "path":
             return open_file(str(self._location))
-        return io.BytesIO(self._encoded_bytes())
+        return io.BytesIO(self._encoded_bytes(deadline, cancellation))
 
     def _convert(self, image: Image.Image) -> Image.Image:
         return checked_rgb(image, max_pixels=self.max_pixels, source=self.describe())

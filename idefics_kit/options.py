@@ -9,6 +9,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from idefics_kit._quote import short_repr
 from idefics_kit.errors import InvalidParameterError
 
 __all__ = ["GenerationOptions"]
@@ -136,14 +137,14 @@ class GenerationOptions:
             if name not in allowed:
                 raise InvalidParameterError(
                     name,
-                    f"unknown generation option {name!r}; allowed: {', '.join(allowed)}",
+                    f"unknown generation option {short_repr(name)}; allowed: {', '.join(allowed)}",
                     overrides[name],
                 )
         return dataclasses.replace(self, **overrides)
 
 
 def _fail(name: str, rule: str, value: object) -> NoReturn:
-    raise InvalidParameterError(name, f"{name} {rule}, got {value!r}", value)
+    raise InvalidParameterError(name, f"{name} {rule}, got {short_repr(value)}", value)
 
 
 def _narrow_stop(stop: object) -> tuple[str, ...]:

@@ -19,6 +19,7 @@ import ssl
 import subprocess
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,82 @@ def test_slow_drip_hits_the_overall_deadline(server: _Server) -> None:
     assert info.value.source == url
 
 
+def test_slow_dns_is_inside_the_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Name resolution was outside the download's deadline: a resolver that hangs held the
+    # thread for as long as it liked.
+    release = threading.Event()
+
+    def hanging(host: str, port: int) -> list[str]:
+        release.wait(10)
+        return ["192.0.2.1"]
+
+    monkeypatch.setattr(_fetch, "_resolve", hanging)
+    start = time.monotonic()
+    try:
+        with pytest.raises(ImageLoadError, match=r"took longer than 0\.6 s \(3 x timeout"):
+            ImagePart.from_url("http://slow-dns.example/a.png", timeout=0.2).load()
+        assert time.monotonic() - start < 1.5
+        # A caller's deadline (a server's per-request time) ends it sooner still.
+        start = time.monotonic()
+        with pytest.raises(ImageLoadError, match="did not finish within the time its request"):
+            ImagePart.from_url("http://slow-dns.example/a.png").load(
+                deadline=time.monotonic() + 0.3
+            )
+        assert time.monotonic() - start < 1.0
+    finally:
+        release.set()
+
+
+def test_cancellation_stops_a_download_at_once(server: _Server) -> None:
+    cancellation = _fetch.Cancellation()
+    timer = threading.Timer(0.3, cancellation.cancel)
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(ImageLoadError, match=r"the download of image .*/drip was cancelled"):
+        trusted(base(server) + "/drip", timeout=5).load(cancellation=cancellation)
+    assert time.monotonic() - start < 1.0
+    # Cancelled before it starts: no connection at all.
+    seen = len(server.seen())
+    with pytest.raises(ImageLoadError, match="was cancelled"):
+        trusted(base(server) + "/ok.png").load(cancellation=cancellation)
+    assert len(server.seen()) == seen
+
+
+def test_cancellation_while_connecting_is_not_missed(
+    server: _Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cancellation = _fetch.Cancellation()
+    real_open = _fetch._open_socket
+
+    def open_then_cancel(address: str, port: int, timeout: float) -> socket.socket:
+        cancellation.cancel()  # lands after the watchdog started, before the socket is known
+        return real_open(address, port, timeout)
+
+    monkeypatch.setattr(_fetch, "_open_socket", open_then_cancel)
+    start = time.monotonic()
+    with pytest.raises(ImageLoadError, match="was cancelled"):
+        trusted(base(server) + "/drip", timeout=5).load(cancellation=cancellation)
+    assert time.monotonic() - start < 1.0
+
+
+def test_refusal_of_an_internal_name_does_not_tell_its_address(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(_fetch, "_resolve", lambda host, port: ["10.20.30.40"])
+    with (
+        caplog.at_level("DEBUG", logger="idefics_kit.fetch"),
+        pytest.raises(ImageLoadError) as info,
+    ):
+        ImagePart.from_url("http://db.internal/a.png").load()
+    message = str(info.value)
+    assert message.startswith(
+        "refusing to fetch http://db.internal/a.png: its host 'db.internal' resolves to a "
+        "private/loopback address (private);"
+    ), message
+    assert "10.20.30.40" not in message
+    assert "db.internal resolves to 10.20.30.40 (private)" in caplog.text  # the log has it
+
+
 def test_silent_server_hits_the_read_timeout(server: _Server) -> None:
     start = time.monotonic()
     with pytest.raises(ImageLoadError, match=r"timed out after 0\.3 s downloading image"):
@@ -362,9 +439,14 @@ def test_default_policy_refuses_without_connecting(
         ImagePart.from_url(url).load()
     assert time.monotonic() - start < 0.5
     message = str(info.value)
-    assert message.startswith(f"refusing to fetch {url}: it resolves to a private/loopback address")
+    host = urllib.parse.urlsplit(url).hostname
+    assert message.startswith(
+        f"refusing to fetch {url}: its host {host!r} resolves to a private/loopback address ({kind}"
+    ), message
     assert message.endswith("; pass allow_private_network=True for trusted setups")
-    assert re.search(rf"-> {address}: {kind}", message), message
+    # What the host resolved to is not told (for an internal name, an internal address)...
+    if not re.fullmatch(address, host):
+        assert not re.search(address, message), message
     assert info.value.source == url
     assert no_connections == []
     assert server.seen() == []
@@ -451,7 +533,7 @@ def test_redirect_to_private_address_refused(
     with pytest.raises(
         ImageLoadError,
         match=rf"refusing to fetch {target} \(redirected from http://images\.example:{port}"
-        rf"{path}\): it resolves to a private/loopback address",
+        rf"{path}\): its host '[0-9.]+' resolves to a private/loopback address",
     ) as info:
         ImagePart.from_url(url).load()
     assert info.value.source == url

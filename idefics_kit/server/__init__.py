@@ -6,13 +6,14 @@
 
 ``app`` is an ASGI application: serve it with uvicorn (``idefics-kit serve``
 does), mount it in another app, or call it in-process in tests. See
-docs/server.md. Importing this package needs starlette; ``import
+docs/server.md. Importing this package needs starlette and prometheus_client; ``import
 idefics_kit`` never imports it.
 """
 
 from __future__ import annotations
 
 try:
+    import prometheus_client  # noqa: F401
     import starlette  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError(
@@ -20,9 +21,14 @@ except ImportError as exc:  # pragma: no cover - depends on the installed extras
     ) from exc
 
 from idefics_kit.server.app import (
+    DEFAULT_BODY_TIMEOUT,
+    DEFAULT_IMAGE_TIMEOUT,
     DEFAULT_MAX_CONCURRENT_REQUESTS,
+    DEFAULT_MAX_DECODED_PIXELS,
+    DEFAULT_MAX_DOWNLOADS_PER_REQUEST,
     DEFAULT_MAX_IMAGE_PIXELS,
     DEFAULT_MAX_IMAGES,
+    DEFAULT_MAX_RECEIVING_REQUESTS,
     DEFAULT_MAX_REQUEST_BYTES,
     ServerApp,
     create_app,
@@ -32,9 +38,14 @@ from idefics_kit.server.metrics import Metrics
 from idefics_kit.server.schemas import ImagePolicy
 
 __all__ = [
+    "DEFAULT_BODY_TIMEOUT",
+    "DEFAULT_IMAGE_TIMEOUT",
     "DEFAULT_MAX_CONCURRENT_REQUESTS",
+    "DEFAULT_MAX_DECODED_PIXELS",
+    "DEFAULT_MAX_DOWNLOADS_PER_REQUEST",
     "DEFAULT_MAX_IMAGES",
     "DEFAULT_MAX_IMAGE_PIXELS",
+    "DEFAULT_MAX_RECEIVING_REQUESTS",
     "DEFAULT_MAX_REQUEST_BYTES",
     "APIError",
     "ImagePolicy",

@@ -1,21 +1,26 @@
-"""The ASGI app: OpenAI-compatible routes on a :class:`~idefics_kit.Generator`.
+"""The ASGI app: HTTP plumbing around the OpenAI-compatible routes of a :class:`~idefics_kit.Generator`.
 
 :func:`create_app` returns a :class:`ServerApp`. Routes:
 
-* ``POST /v1/chat/completions``: answers through ``Generator.agenerate``, or
-  ``Generator.astream`` as server-sent events; concurrent requests share the
-  engine's batches.
-* ``GET /v1/models`` and ``GET /v1/models/{id}``: the one served model.
-* ``GET /health``: 200 ``{"status": "ok"}``; 503 while draining.
+* ``POST /v1/chat/completions``: answered by :class:`~idefics_kit.server.chat.ChatHandler`
+  through ``Generator.agenerate``, or ``Generator.astream`` as server-sent
+  events; concurrent requests share the engine's batches.
+* ``GET /v1/models`` and ``GET /v1/models/{model}``: the one served model.
+* ``GET /health``: 200 ``{"status": "ok"}``; 503 while draining or while the
+  generator cannot take work (``Generator.ready`` is False).
 * ``GET /metrics``: Prometheus text (see :mod:`idefics_kit.server.metrics`).
 
-Around every request the app checks the API key (``/v1/...`` only, compared
-in constant time), refuses new requests while draining, counts the request
-for ``/metrics`` and writes one access-log line. Every refusal is an
-OpenAI-shaped error (:mod:`idefics_kit.server.errors`); an unexpected failure
-is a 500 whose body names the request id and whose traceback goes to the log
-only. A client that disconnects cancels its generation: its engine row is
-freed at the next decoding step.
+This module is the plumbing every request goes through, in this order:
+match the route (as Starlette routes: the path without the mount prefix or
+``root_path``), check the API key on every route but ``/health`` (and
+``/metrics`` when ``metrics_without_key``), refuse new requests while
+draining, and, for a chat completion, read its body under a deadline and the
+limits, count it against ``max_concurrent_requests`` once the body is in,
+and hand it to the handler. After the response it counts the request for
+``/metrics`` under labels from a fixed set and writes one access-log line.
+Every refusal is an OpenAI-shaped error (:mod:`idefics_kit.server.errors`);
+an unexpected failure is a 500 whose body names the request id and whose
+traceback goes to the log only.
 
 The server uses only the SDK's public API, as an application would.
 """
@@ -26,44 +31,45 @@ import asyncio
 import contextlib
 import hashlib
 import hmac
-import json
 import logging
+import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Collection
 from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Message, Receive, Scope, Send
 
-from idefics_kit.conversation import Conversation, Turn
-from idefics_kit.errors import IdeficsKitError, ImageLoadError
-from idefics_kit.images import ImagePart
-from idefics_kit.results import Result
 from idefics_kit.server import schemas
-from idefics_kit.server.errors import (
-    APIError,
-    from_sdk_error,
-    internal_error,
-    overloaded,
-    shutting_down,
+from idefics_kit.server.chat import (
+    ChatHandler,
+    Exchange,
+    ImageLimits,
+    image_fit,
+    model_not_found,
+    send_error,
 )
+from idefics_kit.server.errors import APIError, internal_error, overloaded, shutting_down
 from idefics_kit.server.metrics import CONTENT_TYPE, Metrics
-from idefics_kit.server.schemas import ChatRequest, ImagePolicy
+from idefics_kit.server.schemas import ImagePolicy
 
 if TYPE_CHECKING:
     from idefics_kit.generator import Generator
 
 __all__ = [
+    "DEFAULT_BODY_TIMEOUT",
+    "DEFAULT_IMAGE_TIMEOUT",
     "DEFAULT_MAX_CONCURRENT_REQUESTS",
+    "DEFAULT_MAX_DECODED_PIXELS",
+    "DEFAULT_MAX_DOWNLOADS_PER_REQUEST",
     "DEFAULT_MAX_IMAGES",
     "DEFAULT_MAX_IMAGE_PIXELS",
+    "DEFAULT_MAX_RECEIVING_REQUESTS",
     "DEFAULT_MAX_REQUEST_BYTES",
     "ServerApp",
     "create_app",
@@ -76,13 +82,23 @@ DEFAULT_MAX_IMAGES = 8
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 """Largest ``width * height`` of one image, checked from the header before decoding."""
 DEFAULT_MAX_CONCURRENT_REQUESTS = 256
-"""Most chat completions held at once (read, decoded, queued or generating); more get 503."""
+"""Most chat completions held at once once their body has arrived (decoded, queued or
+generating); more get 503."""
+DEFAULT_MAX_RECEIVING_REQUESTS = 64
+"""Most chat completions whose body is still arriving; more get 503."""
+DEFAULT_BODY_TIMEOUT = 30.0
+"""Seconds a client has to send its whole request body; a slower one gets 408."""
+DEFAULT_MAX_DECODED_PIXELS = 256 * 1024 * 1024
+"""Decoded image pixels (after scaling down) held by all requests in flight together."""
+DEFAULT_IMAGE_TIMEOUT = 30.0
+"""Seconds a request may spend loading its images (downloads with DNS, decoding)."""
+DEFAULT_MAX_DOWNLOADS_PER_REQUEST = 4
+"""Most image downloads one request runs at once."""
 
 CHAT_PATH = "/v1/chat/completions"
-_ROUTES = frozenset({CHAT_PATH, "/v1/models", "/health", "/metrics"})
-_OPEN_PATHS = frozenset({"/health", "/metrics"})
-_IMAGE_THREADS = 8
-_JSON = "application/json"
+_OPEN_ROUTES = frozenset({"/health"})
+_DRAIN_OPEN_ROUTES = frozenset({"/health", "/metrics"})
+_OTHER_ROUTE = "other"
 
 logger = logging.getLogger("idefics_kit.server")
 access_logger = logging.getLogger("idefics_kit.server.access")
@@ -92,29 +108,23 @@ class _Disconnected(Exception):
     """The client went away before its request was read."""
 
 
-@dataclass(slots=True)
-class _Exchange:
-    """What the middleware learns about one request, for metrics and the access log."""
-
-    request_id: str
-    status: int = 0
-    prompt_tokens: int | None = None
-    completion_tokens: int | None = None
-    disconnected: bool = False
-    notes: list[str] = field(default_factory=list)
-
-
 def create_app(
     generator: Generator,
     *,
     served_model_name: str = "idefics-kit",
     api_key: str | None = None,
+    metrics_without_key: bool = False,
     allow_private_network: bool = False,
     allowed_local_media_path: str | None = None,
     max_images_per_request: int = DEFAULT_MAX_IMAGES,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_decoded_pixels: int = DEFAULT_MAX_DECODED_PIXELS,
+    image_timeout: float = DEFAULT_IMAGE_TIMEOUT,
+    max_downloads_per_request: int = DEFAULT_MAX_DOWNLOADS_PER_REQUEST,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
+    max_receiving_requests: int = DEFAULT_MAX_RECEIVING_REQUESTS,
+    body_timeout: float = DEFAULT_BODY_TIMEOUT,
     request_timeout: float | None = None,
 ) -> ServerApp:
     """The OpenAI-compatible ASGI app for ``generator``.
@@ -122,28 +132,64 @@ def create_app(
     Mount it in another ASGI app, serve it with any ASGI server, or test it
     in-process (``httpx.ASGITransport``). ``served_model_name`` is the id
     ``/v1/models`` lists and requests must name (or leave out).
-    ``api_key`` (empty or None: no key) is required as ``Authorization:
-    Bearer <key>`` on ``/v1/...``. Image URLs from private addresses are
-    refused unless ``allow_private_network``; local files only under
-    ``allowed_local_media_path``. ``request_timeout`` (seconds) bounds each
-    request's wait for the engine plus its generation.
 
-    Memory is bounded by the limits together: at most
-    ``max_concurrent_requests`` chat completions are held at once (a request
-    beyond that gets 503 before its body is read), each with a body of at most
-    ``max_request_bytes`` and at most ``max_images_per_request`` decoded
-    images of at most ``max_image_pixels`` RGB pixels.
+    ``api_key`` (empty or None: no key) is required as ``Authorization:
+    Bearer <key>`` on every route except ``/health`` (and ``/metrics`` when
+    ``metrics_without_key``), wherever the app is mounted. Image URLs from
+    private addresses are refused unless ``allow_private_network``; local
+    files only under ``allowed_local_media_path``. ``request_timeout``
+    (seconds) bounds each request's wait for the engine plus its generation.
+
+    The limits, and what each bounds (docs/server.md, "Security", gives the
+    memory they add up to):
+
+    * ``max_receiving_requests`` bodies arriving at once, each within
+      ``body_timeout`` seconds (408 after) and ``max_request_bytes`` (413);
+    * ``max_concurrent_requests`` chat completions held once their body is in;
+    * ``max_images_per_request`` images of at most ``max_image_pixels`` each,
+      scaled down right after decoding to what the model's processor uses;
+      ``max_decoded_pixels`` of them held by all requests together (a request
+      waits up to ``image_timeout`` for room, then gets 503);
+    * per request, ``image_timeout`` seconds to load all its images (DNS
+      included) and ``max_downloads_per_request`` downloads at once.
 
     The app does not own ``generator``: closing it is the caller's job.
     """
-    if max_images_per_request < 0 or min(max_request_bytes, max_image_pixels) < 1:
-        raise ValueError(
-            "max_images_per_request must be >= 0, max_request_bytes and max_image_pixels >= 1"
-        )
-    if max_concurrent_requests < 1:
-        raise ValueError("max_concurrent_requests must be >= 1")
+    for name, value, low in (
+        ("max_images_per_request", max_images_per_request, 0),
+        ("max_image_pixels", max_image_pixels, 1),
+        ("max_decoded_pixels", max_decoded_pixels, 1),
+        ("max_downloads_per_request", max_downloads_per_request, 1),
+        ("max_request_bytes", max_request_bytes, 1),
+        ("max_concurrent_requests", max_concurrent_requests, 1),
+        ("max_receiving_requests", max_receiving_requests, 1),
+    ):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    for name, seconds in (("image_timeout", image_timeout), ("body_timeout", body_timeout)):
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+            raise ValueError(f"{name} must be a number of seconds > 0, got {seconds!r}")
+        if not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"{name} must be a number of seconds > 0, got {seconds!r}")
     if not served_model_name:
         raise ValueError("served_model_name must not be empty")
+    fit, keep_aspect = image_fit(generator)
+    images = ImageLimits(
+        max_images=max_images_per_request,
+        max_decoded_pixels=max_decoded_pixels,
+        timeout=float(image_timeout),
+        max_downloads=max_downloads_per_request,
+        fit=fit,
+        keep_aspect=keep_aspect,
+    )
+    needed = max_images_per_request * images.reservation(max_image_pixels)
+    if needed > max_decoded_pixels:
+        raise ValueError(
+            f"max_decoded_pixels={max_decoded_pixels} cannot hold one request's images: "
+            f"{max_images_per_request} images of up to {images.reservation(max_image_pixels)} "
+            f"pixels each once scaled down need {needed}; raise it or lower "
+            "max_images_per_request"
+        )
     policy = ImagePolicy(
         allow_private_network=allow_private_network,
         local_media_root=allowed_local_media_path,
@@ -153,10 +199,13 @@ def create_app(
         generator,
         served_model_name=served_model_name,
         api_key=api_key or None,
+        metrics_without_key=metrics_without_key,
         policy=policy,
-        max_images=max_images_per_request,
+        images=images,
         max_request_bytes=max_request_bytes,
         max_concurrent=max_concurrent_requests,
+        max_receiving=max_receiving_requests,
+        body_timeout=float(body_timeout),
         request_timeout=request_timeout,
     )
 
@@ -166,7 +215,9 @@ class ServerApp:
 
     Besides being called as an ASGI app it offers what a process manager
     needs: :meth:`begin_drain` (new requests get 503, ``/health`` turns 503),
-    :attr:`in_flight` and :meth:`wait_idle`, and :attr:`metrics`.
+    :attr:`in_flight` and :meth:`wait_idle`, and :attr:`metrics`; and
+    :meth:`add_route` for an application's own routes, which need the API key
+    like every other.
     """
 
     def __init__(
@@ -175,28 +226,39 @@ class ServerApp:
         *,
         served_model_name: str,
         api_key: str | None,
+        metrics_without_key: bool,
         policy: ImagePolicy,
-        max_images: int,
+        images: ImageLimits,
         max_request_bytes: int,
         max_concurrent: int,
+        max_receiving: int,
+        body_timeout: float,
         request_timeout: float | None,
     ) -> None:
         self.generator = generator
         self.served_model_name = served_model_name
         self.metrics = Metrics()
+        self.chat = ChatHandler(
+            generator,
+            served_model_name=served_model_name,
+            policy=policy,
+            images=images,
+            request_timeout=request_timeout,
+            metrics=self.metrics,
+        )
         self._key_digest = None if api_key is None else _digest(api_key)
-        self._policy = policy
-        self._max_images = max_images
+        self._open_routes = _OPEN_ROUTES | ({"/metrics"} if metrics_without_key else set())
         self._max_request_bytes = max_request_bytes
         self._max_concurrent = max_concurrent
+        self._max_receiving = max_receiving
+        self._body_timeout = body_timeout
         self._chats = 0
-        self._timeout = request_timeout
+        self._receiving = 0
         self._created = schemas.now()
         self._draining = False
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._executor: ThreadPoolExecutor | None = None
         self._router = Starlette(
             routes=[
                 Route(CHAT_PATH, self._chat, methods=["POST"]),
@@ -233,12 +295,27 @@ class ServerApp:
             return False
         return True
 
+    def add_route(
+        self,
+        path: str,
+        endpoint: Callable[[Request], Any],
+        *,
+        methods: Collection[str] = ("GET",),
+        public: bool = False,
+    ) -> None:
+        """Serve ``endpoint`` (a Starlette endpoint) at ``path`` too.
+
+        It needs the API key like every route unless ``public`` (as
+        ``/health`` is); it is counted in ``/metrics`` under ``path``.
+        """
+        self._router.router.routes.append(Route(path, endpoint, methods=list(methods)))
+        if public:
+            self._open_routes = self._open_routes | {path}
+
     @contextlib.asynccontextmanager
     async def _lifespan(self, app: Starlette) -> AsyncIterator[None]:
         yield
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        self.chat.close()
 
     # -- ASGI ---------------------------------------------------------------------------
 
@@ -247,10 +324,12 @@ class ServerApp:
             await self._router(scope, receive, send)
             return
         started = time.monotonic()
-        exchange = _Exchange(request_id=f"chatcmpl-{uuid.uuid4().hex}")
+        exchange = Exchange(request_id=f"chatcmpl-{uuid.uuid4().hex}")
         scope["idefics_kit.exchange"] = exchange
-        path: str = scope["path"]
-        counted = path not in _OPEN_PATHS
+        # The route the router will pick, from the path it routes on (without
+        # the mount prefix or root_path): the key and the labels go by it.
+        route = self._route_of(scope)
+        counted = route not in _DRAIN_OPEN_ROUTES
 
         async def tracking_send(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -262,28 +341,32 @@ class ServerApp:
         if counted:
             self._enter()
         try:
-            refusal = self._refusal(scope)
+            refusal = self._refusal(scope, route)
             if refusal is not None:
-                await _send_error(tracking_send, refusal)
+                await send_error(tracking_send, refusal)
             else:
                 await self._router(scope, receive, tracking_send)
         except Exception:
             logger.exception("request %s failed", exchange.request_id)
             if exchange.status == 0:
-                await _send_error(tracking_send, internal_error(exchange.request_id))
+                await send_error(tracking_send, internal_error(exchange.request_id))
         finally:
             if counted:
                 self._leave()
             elapsed = time.monotonic() - started
             status = 499 if exchange.disconnected else exchange.status
-            route = (
-                path
-                if path in _ROUTES
-                else ("/v1/models/{id}" if path.startswith("/v1/models/") else "other")
-            )
             self.metrics.request_done(scope["method"], route, status, elapsed)
             if access_logger.isEnabledFor(logging.INFO):
                 access_logger.info(_access_line(scope, exchange, status, elapsed))
+
+    def _route_of(self, scope: Scope) -> str:
+        """The path template of the route that will answer ``scope``, or ``"other"``."""
+        for candidate in self._router.router.routes:
+            match, _ = candidate.matches(scope)
+            # PARTIAL: the path matches but not the method (a 405 from that route).
+            if match is not Match.NONE:
+                return _template(candidate)
+        return _OTHER_ROUTE
 
     def _enter(self) -> None:
         self._active += 1
@@ -294,11 +377,11 @@ class ServerApp:
         if self._active == 0:
             self._idle.set()
 
-    def _refusal(self, scope: Scope) -> APIError | None:
-        path: str = scope["path"]
-        if self._draining and path not in _OPEN_PATHS:
+    def _refusal(self, scope: Scope, route: str) -> APIError | None:
+        if self._draining and route not in _DRAIN_OPEN_ROUTES:
             return shutting_down()
-        if self._key_digest is None or not path.startswith("/v1/"):
+        # Deny by default: every route needs the key unless named open, unknown paths too.
+        if self._key_digest is None or route in self._open_routes:
             return None
         header = _header(scope, b"authorization")
         scheme, _, token = (header or "").partition(" ")
@@ -327,63 +410,79 @@ class ServerApp:
     async def _model(self, request: Request) -> Response:
         name = request.path_params["model"]
         if name != self.served_model_name:
-            return _error_response(_model_not_found(name))
+            return _error_response(model_not_found(name))
         return JSONResponse(schemas.model_body(self.served_model_name, self._created))
 
     async def _health(self, request: Request) -> Response:
         if self._draining:
             return JSONResponse({"status": "draining"}, status_code=503)
+        if not self.generator.ready:
+            return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     async def _metrics(self, request: Request) -> Response:
         self.metrics.in_flight = self._active
-        stats = getattr(self.generator, "stats", None)
-        snapshot = stats() if callable(stats) else None
+        self.metrics.gauges(receiving=self._receiving, pixels=self.chat.images.budget.held)
+        snapshot = self.generator.stats()
         return Response(self.metrics.render(snapshot), media_type=CONTENT_TYPE)
 
-    # -- chat completions ---------------------------------------------------------------
+    # -- chat completions: reading the body ---------------------------------------------
 
     async def _chat(self, request: Request) -> Response:
         return _Completion(self)
 
     async def answer(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Read, check and answer one chat-completion request (called by :class:`_Completion`)."""
-        if self._chats >= self._max_concurrent:
-            error = overloaded(f"{self._chats} requests are being answered (the most it holds)")
-            await _send_error(send, error)
-            return
-        self._chats += 1
+        """Read one chat-completion body under the limits, then let the handler answer it."""
+        exchange: Exchange = scope["idefics_kit.exchange"]
         try:
-            await self._answer(scope, receive, send)
-        finally:
-            self._chats -= 1
-
-    async def _answer(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exchange: _Exchange = scope["idefics_kit.exchange"]
-        try:
-            chat = self._parse(await self._read_body(scope, receive))
+            body = await self._received(scope, receive)
         except _Disconnected:
             exchange.disconnected = True
             return
         except APIError as exc:
-            await _send_error(send, exc)
+            await send_error(send, exc)
             return
-        if chat.stream:
-            work: Callable[[], Awaitable[None]] = lambda: self._stream(chat, exchange, send)  # noqa: E731
-        else:
-            work = lambda: self._complete(chat, exchange, send)  # noqa: E731
-        finished = await _unless_disconnected(work(), receive)
-        if not finished:
-            exchange.disconnected = True
+        # Only requests whose body has arrived count here: a slow sender holds a
+        # receiving slot (and only until its deadline), never an answering one.
+        if self._chats >= self._max_concurrent:
+            error = overloaded(f"{self._chats} requests are being answered (the most it holds)")
+            await send_error(send, error)
+            return
+        self._chats += 1
+        # Handed over in a box so that the handler can drop the body once parsed.
+        box = [body]
+        del body
+        try:
+            await self.chat.answer(box, exchange, receive, send)
+        finally:
+            self._chats -= 1
 
-    async def _read_body(self, scope: Scope, receive: Receive) -> bytes:
+    async def _received(self, scope: Scope, receive: Receive) -> bytes:
         limit = self._max_request_bytes
         declared = _header(scope, b"content-length")
         if declared is not None:
-            if not declared.isdigit():
+            if not declared.isascii() or not declared.isdigit():
                 raise APIError(400, "invalid Content-Length header", code="invalid_request")
             if int(declared) > limit:
                 raise _too_large(limit, f"declared {declared} bytes")
+        if self._receiving >= self._max_receiving:
+            raise overloaded(f"{self._receiving} requests are still sending their bodies")
+        self._receiving += 1
+        try:
+            return await asyncio.wait_for(self._read_body(receive, limit), self._body_timeout)
+        except asyncio.TimeoutError:  # not yet the builtin TimeoutError on Python 3.10
+            raise APIError(
+                408,
+                f"The request body did not arrive within {self._body_timeout:g} s; send it "
+                "at once.",
+                code="request_timeout",
+                headers={"Connection": "close"},
+            ) from None
+        finally:
+            self._receiving -= 1
+
+    @staticmethod
+    async def _read_body(receive: Receive, limit: int) -> bytes:
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -397,137 +496,6 @@ class ServerApp:
             chunks.append(body)
             if not message.get("more_body", False):
                 return b"".join(chunks)
-
-    def _parse(self, body: bytes) -> ChatRequest:
-        try:
-            data = json.loads(body)
-        except (ValueError, RecursionError) as exc:
-            raise APIError(
-                400,
-                f"The request body is not valid JSON ({exc}); send a JSON object.",
-                code="invalid_json",
-            ) from exc
-        chat = schemas.parse_chat_request(data, self._policy, max_images=self._max_images)
-        if chat.model is not None and chat.model != self.served_model_name:
-            raise _model_not_found(chat.model)
-        return chat
-
-    async def _prepared(self, chat: ChatRequest) -> Conversation:
-        """The conversation with every image read and decoded, in a worker thread."""
-        if not chat.conversation.images():
-            return chat.conversation
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(_IMAGE_THREADS, "idefics-kit-images")
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._executor, _decoded, chat.conversation)
-        except ImageLoadError as exc:
-            raise APIError(400, str(exc), param="messages", code="invalid_image") from exc
-
-    def _error(self, exc: BaseException, chat: ChatRequest, exchange: _Exchange) -> APIError:
-        if isinstance(exc, APIError):
-            return exc
-        if isinstance(exc, IdeficsKitError):
-            error = from_sdk_error(exc, exchange.request_id, chat.parameters)
-            if error.status >= 500 and error.code == "internal_error":
-                logger.error("request %s failed", exchange.request_id, exc_info=exc)
-            return error
-        logger.error("request %s failed", exchange.request_id, exc_info=exc)
-        return internal_error(exchange.request_id)
-
-    def _finished(self, result: Result, exchange: _Exchange) -> None:
-        exchange.prompt_tokens = result.usage.prompt_tokens
-        exchange.completion_tokens = result.usage.completion_tokens
-        self.metrics.completion_done(
-            result.usage.prompt_tokens, result.usage.completion_tokens, result.finish_reason
-        )
-
-    async def _complete(self, chat: ChatRequest, exchange: _Exchange, send: Send) -> None:
-        try:
-            conversation = await self._prepared(chat)
-            result = await self.generator.agenerate(
-                conversation, chat.options, timeout=self._timeout
-            )
-        except Exception as exc:
-            await _send_error(send, self._error(exc, chat, exchange))
-            return
-        self._finished(result, exchange)
-        body = schemas.completion_body(
-            exchange.request_id, schemas.now(), self.served_model_name, result
-        )
-        await _send_json(send, 200, body)
-
-    async def _stream(self, chat: ChatRequest, exchange: _Exchange, send: Send) -> None:
-        started = time.monotonic()
-        created = schemas.now()
-        include_usage = chat.include_usage
-
-        def event(**fields: Any) -> bytes:
-            body = schemas.chunk(
-                exchange.request_id,
-                created,
-                self.served_model_name,
-                include_usage=include_usage,
-                **fields,
-            )
-            return _sse(body)
-
-        stream: Any = None
-        try:
-            conversation = await self._prepared(chat)
-            stream = self.generator.astream(conversation, chat.options, timeout=self._timeout)
-            # The first piece is awaited before the 200 goes out, so that a full
-            # queue or a bad input still gets its own status.
-            first: str | None
-            try:
-                first = await stream.__anext__()
-            except StopAsyncIteration:
-                first = None
-        except Exception as exc:
-            await _close(stream)
-            await _send_error(send, self._error(exc, chat, exchange))
-            return
-        except BaseException:  # cancelled: the client went away
-            await _close(stream)
-            raise
-        self.metrics.first_token(time.monotonic() - started)
-        try:
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": [
-                        (b"content-type", b"text/event-stream; charset=utf-8"),
-                        (b"cache-control", b"no-cache"),
-                        (b"x-accel-buffering", b"no"),
-                    ],
-                }
-            )
-            await _body(send, event(delta={"role": "assistant", "content": ""}))
-            if first:
-                await _body(send, event(delta={"content": first}))
-            if first is not None:
-                async for piece in stream:
-                    if piece:
-                        await _body(send, event(delta={"content": piece}))
-            result: Result = stream.result
-            self._finished(result, exchange)
-            # Log-probabilities, when asked for, come whole with the last chunk: pieces
-            # are text, not tokens, so the chunks cannot split them exactly.
-            logprobs = schemas.logprobs_body(result)
-            await _body(
-                send, event(delta={}, finish_reason=result.finish_reason, logprobs=logprobs)
-            )
-            if include_usage:
-                await _body(send, event(usage=schemas.usage_body(result)))
-        except Exception as exc:
-            # The 200 is out: report the failure as an error event, as OpenAI does.
-            error = self._error(exc, chat, exchange)
-            exchange.notes.append(f"stream error {error.status}")
-            await _body(send, _sse(error.body()))
-        finally:
-            await _close(stream)
-        await _body(send, b"data: [DONE]\n\n", more=False)
 
 
 class _Completion(Response):
@@ -543,50 +511,9 @@ class _Completion(Response):
 # -- helpers ------------------------------------------------------------------------------
 
 
-def _decoded(conversation: Conversation) -> Conversation:
-    """``conversation`` with each image loaded now (fetched, decoded) as a PIL-backed part."""
-    turns = []
-    for turn in conversation.turns:
-        parts = tuple(
-            ImagePart.from_pil(part.load(), max_pixels=part.max_pixels)
-            if isinstance(part, ImagePart)
-            else part
-            for part in turn.parts
-        )
-        turns.append(Turn(role=turn.role, parts=parts))
-    return Conversation(system=conversation.system, turns=tuple(turns))
-
-
-async def _unless_disconnected(work: Awaitable[None], receive: Receive) -> bool:
-    """Run ``work`` until it ends (True) or the client disconnects (False: it is cancelled)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnect(receive))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        for pending in (task, watcher):
-            if not pending.done():
-                pending.cancel()
-        # Wait for the cancelled work to unwind (its finally closes the stream).
-        await asyncio.wait({task, watcher})
-    if task.cancelled():
-        return False
-    exc = task.exception()
-    if exc is not None:
-        raise exc
-    return True
-
-
-async def _disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
-
-
-async def _close(stream: Any) -> None:
-    close = getattr(stream, "aclose", None)
-    if close is not None:
-        with contextlib.suppress(Exception):
-            await asyncio.shield(close())
+def _template(route: BaseRoute) -> str:
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) else _OTHER_ROUTE
 
 
 def _digest(key: str) -> bytes:
@@ -610,22 +537,14 @@ def _too_large(limit: int, detail: str) -> APIError:
     )
 
 
-def _model_not_found(name: str) -> APIError:
-    return APIError(
-        404,
-        f"The model {name[:200]!r} does not exist on this server; GET /v1/models lists the one "
-        "it serves.",
-        param="model",
-        code="model_not_found",
-    )
-
-
 async def _http_exception(request: Request, exc: Exception) -> Response:
     """Starlette's own 404 and 405 in OpenAI's shape."""
     assert isinstance(exc, HTTPException)
+    path = request.url.path
+    shown = path if len(path) <= 200 else path[:100] + "..."
     error = APIError(
         exc.status_code,
-        f"{request.method} {request.url.path}: {exc.detail}",
+        f"{request.method[:20]} {shown}: {exc.detail}",
         code="not_found" if exc.status_code == 404 else "method_not_allowed",
         headers=exc.headers,
     )
@@ -636,32 +555,7 @@ def _error_response(error: APIError) -> Response:
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-async def _send_json(
-    send: Send, status: int, body: object, headers: Mapping[str, str] | None = None
-) -> None:
-    payload = json.dumps(body, ensure_ascii=False).encode()
-    raw = [
-        (b"content-type", _JSON.encode()),
-        (b"content-length", str(len(payload)).encode()),
-        *((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()),
-    ]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": payload, "more_body": False})
-
-
-async def _send_error(send: Send, error: APIError) -> None:
-    await _send_json(send, error.status, error.body(), error.headers)
-
-
-async def _body(send: Send, data: bytes, *, more: bool = True) -> None:
-    await send({"type": "http.response.body", "body": data, "more_body": more})
-
-
-def _sse(body: object) -> bytes:
-    return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
-
-
-def _access_line(scope: Scope, exchange: _Exchange, status: int, seconds: float) -> str:
+def _access_line(scope: Scope, exchange: Exchange, status: int, seconds: float) -> str:
     client = scope.get("client")
     peer = f"{client[0]}:{client[1]}" if client else "-"
     tokens = (
@@ -669,8 +563,10 @@ def _access_line(scope: Scope, exchange: _Exchange, status: int, seconds: float)
         if exchange.prompt_tokens is not None
         else "tokens=-"
     )
-    notes = "".join(f" ({note})" for note in exchange.notes)
+    notes = "".join(f" ({note})" for note in exchange.notes or ())
+    path: str = scope["path"]
+    shown = path if len(path) <= 200 else path[:100] + "..."
     return (
-        f'{peer} "{scope["method"]} {scope["path"]}" {status} {tokens} {seconds:.3f}s '
+        f'{peer} "{scope["method"][:20]} {shown}" {status} {tokens} {seconds:.3f}s '
         f"{exchange.request_id}{notes}"
     )

@@ -39,13 +39,19 @@ from idefics_kit.errors import (
 )
 
 __all__ = [
+    "MAX_MESSAGE_CHARS",
     "APIError",
+    "capped",
     "error_body",
     "from_sdk_error",
     "internal_error",
     "overloaded",
     "shutting_down",
 ]
+
+MAX_MESSAGE_CHARS = 1000
+"""Longest message taken from an SDK exception; the rest is cut (a safety net: the SDK
+quotes at most 100 characters of a value, but a message may name a path or a URL)."""
 
 RETRY_AFTER_SECONDS = 1
 """``Retry-After`` sent with 503 when the engine queue is full."""
@@ -75,6 +81,11 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         """The JSON body: ``{"error": {...}}``."""
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def capped(text: str) -> str:
+    """``text``, cut to :data:`MAX_MESSAGE_CHARS` characters and ``...`` when longer."""
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS] + "..."
 
 
 def error_body(
@@ -126,19 +137,20 @@ def from_sdk_error(
     (``max_new_tokens`` -> ``max_completion_tokens``), so ``param`` names what
     the client sent.
     """
+    text = capped(str(exc))
     if isinstance(exc, OverloadedError):
-        return overloaded(str(exc))
+        return overloaded(text)
     if isinstance(exc, RequestTimeoutError):
-        return APIError(504, f"The request timed out: {exc}", type="server_error", code="timeout")
+        return APIError(504, f"The request timed out: {text}", type="server_error", code="timeout")
     if isinstance(exc, GeneratorClosedError):
         return shutting_down()
     if isinstance(exc, InvalidParameterError):
         param = (parameters or {}).get(exc.parameter, exc.parameter)
-        return APIError(400, str(exc), param=param, code="invalid_value")
+        return APIError(400, text, param=param, code="invalid_value")
     if isinstance(exc, ImageLoadError):
-        return APIError(400, str(exc), param="messages", code="invalid_image")
+        return APIError(400, text, param="messages", code="invalid_image")
     if isinstance(exc, ConversationError):
-        return APIError(400, str(exc), param="messages", code="invalid_messages")
+        return APIError(400, text, param="messages", code="invalid_messages")
     if isinstance(exc, UsageError):
-        return APIError(400, str(exc))
+        return APIError(400, text)
     return internal_error(request_id)

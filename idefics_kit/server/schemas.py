@@ -42,12 +42,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from idefics_kit._quote import short_repr
 from idefics_kit.conversation import Conversation, TextPart, Turn
 from idefics_kit.errors import ConversationError, IdeficsKitError, ImageLoadError
 from idefics_kit.images import ImagePart
 from idefics_kit.options import GenerationOptions
 from idefics_kit.results import Result, TokenLogprob
-from idefics_kit.server.errors import APIError
+from idefics_kit.server.errors import APIError, capped
 
 __all__ = [
     "ChatRequest",
@@ -102,7 +103,9 @@ class ImagePolicy:
                     allow_private_network=self.allow_private_network,
                 )
         except ImageLoadError as exc:
-            raise APIError(400, f"{where}: {exc}", param=where, code="invalid_image") from exc
+            raise APIError(
+                400, capped(f"{where}: {exc}"), param=where, code="invalid_image"
+            ) from exc
         return ImagePart.from_path(self._local_path(url, where), max_pixels=self.max_pixels)
 
     def _local_path(self, url: str, where: str) -> str:
@@ -111,7 +114,7 @@ class ImagePolicy:
         if scheme not in ("", "file") and len(scheme) != 1:
             raise APIError(
                 400,
-                f"{where}: unsupported image URL scheme {scheme!r}; use a data:image/...;base64 "
+                f"{where}: unsupported image URL scheme {short_repr(scheme)}; use a data:image/...;base64 "
                 "URI or an http(s) URL",
                 param=where,
                 code="invalid_image_url",
@@ -131,7 +134,7 @@ class ImagePolicy:
                 raise APIError(
                     400,
                     f"{where}: file URL must name a local file (file:///path), got host "
-                    f"{parts.netloc!r}",
+                    f"{short_repr(parts.netloc)}",
                     param=where,
                     code="invalid_image_url",
                 )
@@ -150,7 +153,7 @@ class ImagePolicy:
         if os.path.commonpath([real, root]) != root:
             raise APIError(
                 400,
-                f"{where}: local image {path!r} is outside the folder this server serves "
+                f"{where}: local image {short_repr(path)} is outside the folder this server serves "
                 "images from",
                 param=where,
                 code="invalid_image_url",
@@ -184,7 +187,7 @@ def _number(body: Mapping[str, Any], name: str) -> float | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _bad(name, f"{name} must be a finite number, got {value!r}")
+        raise _bad(name, f"{name} must be a finite number, got {short_repr(value)}")
     return float(value)
 
 
@@ -195,7 +198,7 @@ def _integer(body: Mapping[str, Any], name: str) -> int | None:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise _bad(name, f"{name} must be an integer, got {value!r}")
+        raise _bad(name, f"{name} must be an integer, got {short_repr(value)}")
     return value
 
 
@@ -218,7 +221,7 @@ def _unsupported(body: Mapping[str, Any]) -> None:
         if asked:
             raise _bad(
                 name,
-                f"{name} is not supported by this server (got {body[name]!r}); leave it out",
+                f"{name} is not supported by this server (got {short_repr(body[name])}); leave it out",
                 "unsupported_parameter",
             )
 
@@ -247,7 +250,7 @@ def _image_url(part: Mapping[str, Any], at: str) -> str:
     if not isinstance(url, str) or not url:
         raise _bad(
             f"{at}.image_url",
-            f"{at}.image_url must be {{'url': '<data: URI or http(s) URL>'}}, got {value!r}"[:300],
+            f"{at}.image_url must be {{'url': '<data: URI or http(s) URL>'}}, got {short_repr(value)}",
         )
     return url
 
@@ -282,7 +285,7 @@ def _parts(
         else:
             raise _bad(
                 f"{at}.type",
-                f"{at}.type {kind!r} is not supported; use 'text' or 'image_url'"[:300],
+                f"{at}.type {short_repr(kind)} is not supported; use 'text' or 'image_url'",
             )
     return parts
 
@@ -301,7 +304,7 @@ def _conversation(messages: object, policy: ImagePolicy, max_images: int) -> Con
         if role not in _ROLES:
             raise _bad(
                 f"{where}.role",
-                f"{where}.role must be one of {', '.join(_ROLES)}, got {role!r}"[:300],
+                f"{where}.role must be one of {', '.join(_ROLES)}, got {short_repr(role)}",
                 "invalid_role",
             )
         content = message.get("content")
@@ -346,7 +349,9 @@ def _options(body: Mapping[str, Any]) -> tuple[GenerationOptions, dict[str, str]
     temperature = _number(body, "temperature")
     if temperature is not None:
         if not 0 <= temperature <= _MAX_TEMPERATURE:
-            raise _bad("temperature", f"temperature must be in [0, 2], got {temperature!r}")
+            raise _bad(
+                "temperature", f"temperature must be in [0, 2], got {short_repr(temperature)}"
+            )
         given["temperature"] = temperature
     for name in ("top_p", "repetition_penalty"):
         value = _number(body, name)
@@ -359,7 +364,7 @@ def _options(body: Mapping[str, Any]) -> tuple[GenerationOptions, dict[str, str]
     logprobs = body.get("logprobs")
     if logprobs is not None:
         if not isinstance(logprobs, bool):
-            raise _bad("logprobs", f"logprobs must be true or false, got {logprobs!r}"[:300])
+            raise _bad("logprobs", f"logprobs must be true or false, got {short_repr(logprobs)}")
         given["logprobs"] = logprobs
     top_logprobs = _integer(body, "top_logprobs")
     if top_logprobs is not None:
@@ -370,7 +375,9 @@ def _options(body: Mapping[str, Any]) -> tuple[GenerationOptions, dict[str, str]
         if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
             stop = tuple(s for s in stop if s)
         elif not isinstance(stop, str):
-            raise _bad("stop", f"stop must be a string or a list of strings, got {stop!r}"[:300])
+            raise _bad(
+                "stop", f"stop must be a string or a list of strings, got {short_repr(stop)}"
+            )
         given["stop"] = stop if stop != "" else ()
     try:
         return GenerationOptions(**given), parameters
@@ -402,9 +409,8 @@ def _constraint(body: Mapping[str, Any], given: dict[str, Any], parameters: dict
         elif kind != "text":
             raise _bad(
                 "response_format.type",
-                f"response_format.type must be text, json_object or json_schema, got {kind!r}"[
-                    :300
-                ],
+                "response_format.type must be text, json_object or json_schema, got "
+                f"{short_repr(kind)}",
             )
         parameters["json_schema"] = "response_format"
     outputs = body.get("structured_outputs")
@@ -437,7 +443,7 @@ def parse_chat_request(body: object, policy: ImagePolicy, *, max_images: int) ->
         raise _bad("model", f"model must be a string, got {_type_name(model)}")
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
-        raise _bad("stream", f"stream must be true or false, got {stream!r}"[:300])
+        raise _bad("stream", f"stream must be true or false, got {short_repr(stream)}")
     stream_options = body.get("stream_options")
     include_usage = False
     if stream_options is not None:
