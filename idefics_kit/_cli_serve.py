@@ -209,13 +209,19 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         "--max-batch-size",
         type=positive_int,
         metavar="N",
-        help="most requests decoded together in one batch",
+        help="most requests decoded together in the running batch",
     )
     engine.add_argument(
         "--max-wait-ms",
         type=non_negative_float,
         metavar="MS",
-        help="how long a new request may wait for others to fill its batch",
+        help="how long an idle engine waits for others to fill its first batch",
+    )
+    engine.add_argument(
+        "--max-prefill-tokens",
+        type=positive_int,
+        metavar="N",
+        help="prompt tokens admitted into the running batch per decoding step",
     )
     engine.add_argument(
         "--max-queued",
@@ -241,7 +247,7 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
 
 def engine_options(args: argparse.Namespace) -> dict[str, Any]:
     """The ``Generator.from_pretrained`` keywords that the engine flags set."""
-    names = ("max_batch_size", "max_wait_ms", "max_queued")
+    names = ("max_batch_size", "max_wait_ms", "max_queued", "max_prefill_tokens")
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
