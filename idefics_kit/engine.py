@@ -215,22 +215,28 @@ class Engine:
         positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         cache = DynamicCache(config=self.model.config.get_text_config(decoder=True))
         kwargs: dict[str, Any] = dict(inputs)
-        kwargs.update(position_ids=positions, cache=cache, use_cache=True)
-        if self._keep_one:
-            kwargs["logits_to_keep"] = 1
+        kwargs.update(position_ids=positions, cache=cache)
         with torch.inference_mode():
-            try:
-                output = self.model(**kwargs)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as exc:
-                raise GenerationError(
-                    f"the prefill failed: {type(exc).__name__}: {exc}"
-                ).with_traceback(None) from None
+            output = self._forward(kwargs, "the prefill")
             logits = output.logits[:, -1].to(copy=True, dtype=torch.float32)
             extras = self.adapter.decode_inputs(inputs, output)
         state = BatchCache(cache, mask, positions[:, -1] + 1, extras)
         return logits, state
+
+    def _forward(self, kwargs: dict[str, Any], what: str) -> Any:
+        """One forward pass as ``generate`` runs it; its failures as :class:`GenerationError`."""
+        kwargs["use_cache"] = True
+        if self._keep_one:
+            kwargs["logits_to_keep"] = 1
+        try:
+            return self.model(**kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            # Without the original: its traceback would keep this step's tensors alive.
+            raise GenerationError(f"{what} failed: {type(exc).__name__}: {exc}").with_traceback(
+                None
+            ) from None
 
     def _start(self, row: Row, item: Any) -> None:
         """Per-row state that lives as long as the row: sampler, constraint, penalty ids."""
@@ -277,18 +283,8 @@ class Engine:
             return
         assert self._tokens is not None
         inputs = self._state.step_inputs(self._tokens)
-        inputs["use_cache"] = True
-        if self._keep_one:
-            inputs["logits_to_keep"] = 1
         with torch.inference_mode():
-            try:
-                output = self.model(**inputs)
-            except torch.OutOfMemoryError:
-                raise
-            except Exception as exc:
-                raise GenerationError(
-                    f"a decoding step failed: {type(exc).__name__}: {exc}"
-                ).with_traceback(None) from None
+            output = self._forward(inputs, "a decoding step")
             logits = output.logits[:, -1].to(copy=True, dtype=torch.float32)
             del output
         self._state.stepped()
@@ -297,37 +293,27 @@ class Engine:
     def evict(self) -> list[Row]:
         """Remove finished and cancelled rows from the batch; returns them, in batch order."""
         gone = [row for row in self.rows if row.finished]
-        if not gone:
-            return []
-        keep = [i for i, row in enumerate(self.rows) if not row.finished]
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
-            self.clear()
-        else:
-            assert self._state is not None
-            assert self._tokens is not None
-            self._state.select(keep)
-            self._tokens = self._tokens.index_select(
-                0, torch.tensor(keep, device=self._tokens.device)
-            )
+        if gone:
+            self._keep([i for i, row in enumerate(self.rows) if not row.finished])
         return gone
 
     def preempt(self, count: int) -> list[Row]:
         """Take the ``count`` newest rows out of the batch, unfinished (to run again later)."""
         count = min(count, len(self.rows))
         taken = self.rows[len(self.rows) - count :]
-        for row in taken:
-            row.skip = max(row.skip, len(row.generated))
-        keep = list(range(len(self.rows) - count))
-        self.rows = self.rows[: len(keep)]
+        self._keep(list(range(len(self.rows) - count)))
+        return taken
+
+    def _keep(self, keep: list[int]) -> None:
+        """Keep only the rows at ``keep`` (batch positions, in order)."""
+        self.rows = [self.rows[i] for i in keep]
         if not keep:
             self.clear()
-        else:
-            assert self._state is not None
-            assert self._tokens is not None
-            self._state.select(keep)
-            self._tokens = self._tokens[: len(keep)]
-        return taken
+            return
+        assert self._state is not None
+        assert self._tokens is not None
+        self._state.select(keep)
+        self._tokens = self._tokens.index_select(0, torch.tensor(keep, device=self._tokens.device))
 
     def clear(self) -> list[Row]:
         """Drop the whole batch (after a failure, or when the last row left); returns its rows."""

@@ -17,6 +17,7 @@ from idefics_kit import Conversation, GenerationError, Generator, engine, kv
 from idefics_kit.batching import MAX_PREFILL_PARTS, PREFILL_PART_COST, prefill_parts
 from tests.conftest import picture
 from tests.test_concurrency import answered_together, fresh, held, wait_until
+from tests.test_continuous import same_answer
 
 IMG_A = picture(40, 30, seed=21)
 IMG_B = picture(64, 48, seed=22)
@@ -108,20 +109,7 @@ def test_rows_of_spread_lengths_match_their_lone_calls(
         assert len(sizes) == len(prefill_parts(lengths))
         assert sum(sizes) == len(SPREAD)
     for result, expected in zip(got, lone, strict=True):
-        assert result.token_ids == expected.token_ids
-        assert (result.text, result.finish_reason, result.usage) == (
-            expected.text,
-            expected.finish_reason,
-            expected.usage,
-        )
-        if expected.logprobs is None:
-            assert result.logprobs is None
-        else:
-            assert result.logprobs is not None
-            assert [t.token_id for t in result.logprobs] == [t.token_id for t in expected.logprobs]
-            assert [t.logprob for t in result.logprobs] == pytest.approx(
-                [t.logprob for t in expected.logprobs], abs=1e-4
-            )
+        same_answer(result, expected)
 
 
 def test_streams_in_a_batch_prefilled_in_parts(
