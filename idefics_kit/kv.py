@@ -59,6 +59,7 @@ class BatchCache:
         self.positions = positions
         """``[rows]``: the position id of each row's next token."""
         self.extras = extras
+        self._next_mask: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
@@ -71,6 +72,7 @@ class BatchCache:
     def step_inputs(self, tokens: torch.Tensor) -> dict[str, Any]:
         """The model inputs that feed ``tokens`` (one per row) on top of the cache."""
         mask = torch.cat([self.mask, self.mask.new_ones((self.rows, 1))], dim=1)
+        self._next_mask = mask
         return {
             "input_ids": tokens[:, None],
             "attention_mask": mask,
@@ -81,12 +83,16 @@ class BatchCache:
 
     def stepped(self) -> None:
         """After a step: the cache grew by one column of real tokens."""
-        self.mask = torch.cat([self.mask, self.mask.new_ones((self.rows, 1))], dim=1)
+        mask = self._next_mask
+        if mask is None:
+            mask = torch.cat([self.mask, self.mask.new_ones((self.rows, 1))], dim=1)
+        self.mask, self._next_mask = mask, None
         self.positions = self.positions + 1
 
     def join(self, other: BatchCache) -> None:
         """Append ``other``'s rows after this batch's rows, padding the shorter on the left."""
         length = max(self.columns, other.columns)
+        self._next_mask = None
         with torch.inference_mode():
             for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
                 mine.keys = torch.cat(
@@ -107,6 +113,7 @@ class BatchCache:
 
     def select(self, keep: Sequence[int]) -> None:
         """Keep only the rows ``keep`` (in that order); cut columns that became all padding."""
+        self._next_mask = None
         index = torch.tensor(list(keep), dtype=torch.long, device=self.mask.device)
         mask = self.mask.index_select(0, index)
         real = mask.any(dim=0).nonzero()
