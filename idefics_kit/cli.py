@@ -258,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     batch = commands.add_parser(
         "batch",
-        help="answer a JSONL file of conversations, resumably",
-        description="Answer every conversation of a JSONL file; write one JSON row per line.",
+        help="answer JSONL/Parquet files of conversations, resumably",
+        description="Answer every conversation of JSONL or Parquet files; write one JSON row per input.",
         epilog=_BATCH_EPILOG,
         formatter_class=formatter,
         parents=[model, generation, network],

@@ -1551,7 +1551,7 @@ def status(output: str | os.PathLike[str]) -> JobStatus:
     writing it now. Reads only; :class:`~idefics_kit.UsageError` if there is no output."""
     path = Path(output)
     job: JobOutput = PartsOutput(path) if path.is_dir() else JsonlOutput(path)
-    if not path.exists() and not job.manifest_path.exists():
+    if not any(p.exists() for p in (path, job.manifest_path, job.lock_path)):
         raise UsageError(f"no batch output at {str(path)!r}")
     manifest = _read_manifest(job.manifest_path)
     job._scan(repair=False)
