@@ -220,7 +220,8 @@ def _path_inputs(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str
     index = jobs.index_inputs(paths)
     if kinds == {"jsonl"}:
         return _Inputs(index=index, manifest_inputs=list(paths), paths=paths)
-    pq = jobs._parquet()
+    import pyarrow.parquet as pq
+
     columns = sorted(
         {
             name

@@ -12,6 +12,7 @@ local ``idefics-kit batch`` command writes for the same file.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import os
@@ -578,20 +579,21 @@ def _free_port() -> int:
 
 
 def _stop(process: subprocess.Popen[bytes]) -> None:
-    """Stop ``ray start --block`` and every process it started (its own process group)."""
+    """Stop ``ray start --block`` and every process it started (its own process group):
+    SIGINT, then SIGKILL for what is left after 30 s."""
     for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
+            process.poll()  # reap the leader: a zombie would keep the group alive
             try:
                 os.killpg(process.pid, 0)
             except ProcessLookupError:
                 process.wait(timeout=5)
                 return
             time.sleep(0.2)
+    process.wait(timeout=5)
 
 
 def test_batch_ray_address_on_a_cluster_started_with_ray_start(
