@@ -819,7 +819,13 @@ class _Lock:
         self.previous: dict[str, Any] = {}
         self._fd: int | None = None
         for _ in range(100):
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                raise UsageError(
+                    f"cannot create the lock file {str(path)!r} of {what}: "
+                    f"{exc.strerror or exc}; check that its folder is writable"
+                ) from None
             if not _try_lock(fd):
                 os.close(fd)
                 owner = _owner(path)
