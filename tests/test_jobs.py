@@ -36,7 +36,7 @@ SLOW_CLI = [
     "original = Generator.iter_batch\n"
     "def slow(self, *args, **kwargs):\n"
     "    for result in original(self, *args, **kwargs):\n"
-    "        time.sleep(0.4)\n"
+    "        time.sleep(0.6)\n"
     "        yield result\n"
     "Generator.iter_batch = slow\n"
     "from idefics_kit.cli import main\n"
