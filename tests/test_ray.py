@@ -319,7 +319,10 @@ class _SlowImageHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.fast.wait(self.server.delay)
-        body = self.server.images[self.path.lstrip("/")]
+        body = self.server.images.get(self.path.lstrip("/"))
+        if body is None:
+            self.send_error(404)
+            return
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
         self.send_header("Content-Length", str(len(body)))
@@ -489,44 +492,91 @@ def test_predictor_takes_every_batch_format_and_byte_blocks(job: dict[str, Any])
 # -- retry, several inputs, manifest, lock, status (issue 22) -----------------------------------
 
 
-def test_retry_errors_with_several_inputs_replaces_error_rows_once(
+def test_retry_errors_with_several_inputs_even_when_killed_mid_retry(
     ray_address: str, job: dict[str, Any], tmp_path: Path
 ) -> None:
-    later = [tmp_path / f"later{number}.png" for number in range(3)]
+    """Two JSONL inputs (one as a glob); three rows fail (their images are not served
+    yet) and one line is broken. Once the images are there, ``batch --ray
+    --retry-errors`` is killed (SIGKILL) after its first retried rows; the rerun
+    merges what it wrote and retries the rest: each id once, rows equal to the
+    local command's."""
     good = [dict(row) for row in job["rows"][:4] if row["id"].startswith("g")]
-    failing = [
-        {"id": f"later{number}", "messages": _ask({"type": "image", "path": str(path)})}
-        for number, path in enumerate(later)
-    ]
-    first = _write_jsonl(tmp_path / "a.jsonl", [good[0], failing[0], good[1]])
-    second = _write_jsonl(tmp_path / "b.jsonl", [failing[1], good[2], failing[2]], {1: "{broken"})
+    images: dict[str, bytes] = {}
     output = tmp_path / "out"
-    inputs = [str(first), str(tmp_path / "b*.jsonl")]
+    with _SlowImages(images, delay=0.0) as server:
+        failing = [
+            {"id": f"later{n}", "messages": _ask({"type": "image", "url": server.url(f"{n}.png")})}
+            for n in range(3)
+        ]
+        first = _write_jsonl(tmp_path / "a.jsonl", [good[0], failing[0], good[1]])
+        second = _write_jsonl(
+            tmp_path / "b.jsonl", [failing[1], good[2], failing[2]], {1: "{broken"}
+        )
+        inputs = [str(first), str(tmp_path / "b*.jsonl")]
+        summary = run_batch(
+            inputs, output, actors=1, num_cpus_per_actor=1, allow_private_network=True
+        )
+        assert (summary.total, summary.written, summary.errors) == (7, 7, 4)
+        rows = _by_key(_part_rows(output))
+        broken = [row for row in rows.values() if row["id"] is None]
+        assert [(row["line"], row["input"]) for row in broken] == [(2, str(second.resolve()))]
+        assert {key for key, row in rows.items() if row["error"]} == {
+            "later0", "later1", "later2", "line:2"
+        }  # fmt: skip
+        assert "404" in rows["later0"]["error"]["message"]
+        again = run_batch(inputs, output, actors=1)  # error rows count as done
+        assert (again.written, again.already_done) == (0, 7)
 
-    summary = run_batch(inputs, output, actors=1, num_cpus_per_actor=1)
-    assert (summary.total, summary.written, summary.errors) == (7, 7, 4)
-    rows = _by_key(_part_rows(output))
-    broken = [row for row in rows.values() if row["id"] is None]
-    assert [(row["line"], row["input"]) for row in broken] == [(2, str(second.resolve()))]
-    assert {key for key, row in rows.items() if row["error"]} == {
-        "later0", "later1", "later2", "line:2"
-    }  # fmt: skip
+        for number in range(3):
+            images[f"{number}.png"] = _image_bytes(good[number]["messages"][0]["content"][0])
+        reference = tmp_path / "reference.jsonl"
+        argv = ["batch", "--quiet", "--allow-private-network", *inputs]
+        assert cli_main([*argv, "-o", str(reference)]) == 0
+        before = _snapshot(output)
 
-    again = run_batch(inputs, output, actors=1)  # error rows count as done
-    assert (again.written, again.already_done) == (0, 7)
-    for number, path in enumerate(later):
-        path.write_bytes(_image_bytes(good[number]["messages"][0]["content"][0]))
-    reference = tmp_path / "reference.jsonl"
-    assert cli_main(["batch", "--quiet", *inputs, "-o", str(reference)]) == 0
+        # Each image now takes 2 s: kill the retry once its first rows are in the journal
+        # (the broken line's row comes first, from the driver, then the actor's).
+        server.delay = 2.0
+        command = [
+            sys.executable, "-m", "idefics_kit", *argv, "--ray", "--ray-address", ray_address,
+            "--actors", "1", "--cpus-per-actor", "1", "--rows-per-task", "1", "--retry-errors",
+            "-o", str(output),
+        ]  # fmt: skip
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        process = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, cwd=ROOT)
+        journal = output / ".retry.jsonl"
+        try:
+            deadline = time.monotonic() + 150
+            while time.monotonic() < deadline and process.poll() is None:
+                if journal.exists() and journal.read_bytes().count(b"\n") >= 2:
+                    break
+                time.sleep(0.05)
+            assert process.poll() is None, process.communicate()[1]
+        finally:
+            process.kill()
+            process.communicate(timeout=60)
+        written = journal.read_bytes().count(b"\n")
+        assert 2 <= written < 4
+        # The parts are untouched; the killed driver left its journal and its lock file.
+        after = _snapshot(output)
+        assert set(after) == {*before, ".retry.jsonl", ".lock"}
+        assert {name: after[name] for name in before} == before
+        assert jobs.status(output).retry_pending == written
 
-    retried = run_batch(inputs, output, actors=1, num_cpus_per_actor=1, retry_errors=True)
-    assert (retried.written, retried.retried, retried.errors, retried.already_done) == (4, 4, 1, 3)
-    parts = sorted(output.glob("part-*.jsonl"))
-    assert len(parts) == 1  # retried rows replace their error rows in place
-    assert not (output / ".retry.jsonl").exists()
-    got = _by_key(_part_rows(output))
+        server.delay = 0.0
+        notes: list[str] = []
+        retried = run_batch(
+            inputs, output, actors=1, num_cpus_per_actor=1, allow_private_network=True,
+            retry_errors=True, notes=notes.append,
+        )  # fmt: skip
+    assert f"merged {written} rows of an interrupted retry into {output}" in notes
+    assert any(note.startswith(f"took over the lock of {output}") for note in notes)
+    # The rest of the three, and the broken line again (an error row like any other).
+    assert (retried.written, retried.retried, retried.errors) == (5 - written, 5 - written, 1)
+    assert len(list(output.glob("part-*.jsonl"))) == 1  # merged into the first run's part
+    assert not journal.exists()
     expected = _by_key([json.loads(line) for line in reference.read_text().splitlines()])
-    assert got == expected
+    assert _by_key(_part_rows(output)) == expected
     state = jobs.status(output)
     assert (state.done, state.errors, state.remaining, state.inputs) == (6, 1, 0, 7)
 
