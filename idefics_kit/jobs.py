@@ -78,6 +78,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MANIFEST_FORMAT",
+    "InputIndex",
     "JobOutput",
     "JobStatus",
     "JsonlOutput",
@@ -102,6 +103,7 @@ __all__ = [
     "read_records",
     "result_row",
     "row_key",
+    "row_schema",
     "status",
 ]
 
@@ -1227,7 +1229,13 @@ class JsonlOutput(JobOutput):
         overwrite: bool = False,
         note: Callable[[str], None] = lambda text: None,
     ) -> JsonlOutput:
-        """Lock, check, repair and read the output file; close it (or use ``with``) after."""
+        """Lock, check, repair and read the output file; close it (or use ``with``) after.
+
+        ``manifest``: this run's settings, checked against the output's manifest
+        (and recorded when there is none); None skips the check (tools that only
+        repair or read). ``overwrite`` removes the rows first. ``note`` receives
+        what was repaired or taken over.
+        """
         output = cls(Path(path))
         if output.path.is_dir():
             raise UsageError(f"the output {str(path)!r} is a folder; give a file")
@@ -1252,7 +1260,7 @@ class JsonlOutput(JobOutput):
             self.path.unlink()
 
     def _remove_temporaries(self) -> None:
-        for leftover in self.path.parent.glob(f".{glob_escape(self.path.name)}.*.tmp"):
+        for leftover in self.path.parent.glob(f".{_glob_escape(self.path.name)}.*.tmp"):
             leftover.unlink()
 
     def _apply(self, replacements: Mapping[Key, tuple[Row, bytes]]) -> None:
@@ -1272,8 +1280,8 @@ class JsonlOutput(JobOutput):
         return self
 
 
-def glob_escape(name: str) -> str:
-    """``name`` with glob characters escaped (``glob.escape`` for one path part)."""
+def _glob_escape(name: str) -> str:
+    """``name`` with glob characters escaped, for a pattern in its folder."""
     return re.sub(r"([*?[])", r"[\1]", name)
 
 
