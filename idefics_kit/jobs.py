@@ -1138,16 +1138,18 @@ class JobOutput:
         if key is None:
             raise UsageError(f"not a row of a batch job: {str(row)[:80]}")
         error = row.get("error") is not None
-        if self.ledger.has(key):
-            if self._journal is None:
-                self._journal = RowWriter(self.journal_path)
-            self._journal.write(row)
-            self.retried += 1
-        else:
-            self._append(row)
-        self.ledger.add(key, error)
-        self.written += 1
-        self.errors += error
+        # A Ctrl-C meanwhile takes effect once the row is written and counted.
+        with _sigint_deferred():
+            if self.ledger.has(key):
+                if self._journal is None:
+                    self._journal = RowWriter(self.journal_path)
+                self._journal.write(row)
+                self.retried += 1
+            else:
+                self._append(row)
+            self.ledger.add(key, error)
+            self.written += 1
+            self.errors += error
 
     def _merge_journal(self) -> int:
         """Merge the retry journal into the row files (atomically per file); its row count."""

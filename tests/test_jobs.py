@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -504,3 +505,27 @@ def test_the_library_never_imports_the_command_line() -> None:
         "assert not [m for m in sys.modules if m.startswith(('idefics_kit.cli', 'idefics_kit._cli'))]"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=ENV)
+
+
+def test_ctrl_c_during_a_write_takes_effect_once_the_row_is_written_and_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_fsync = os.fsync
+    # A shell without job control starts background jobs with SIGINT ignored;
+    # this test needs Python's usual handler whatever started pytest.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def fsync_hit_by_ctrl_c(fd: int) -> None:
+        signal.raise_signal(signal.SIGINT)  # arrives mid-write
+        real_fsync(fd)
+
+    try:
+        with jobs.JsonlOutput.open(tmp_path / "out.jsonl", None) as output:
+            monkeypatch.setattr(os, "fsync", fsync_hit_by_ctrl_c)
+            with pytest.raises(KeyboardInterrupt):
+                output.write({"id": "a", "text": "x", "error": None})
+            monkeypatch.undo()
+            assert (output.written, output.ledger.rows) == (1, {"a": False})
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert _ids(tmp_path / "out.jsonl") == ["a"]
