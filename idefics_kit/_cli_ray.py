@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any, TextIO
 
-from idefics_kit._cli_batch import Progress
+from idefics_kit._cli_batch import Progress, job_errors, summary_line
 from idefics_kit._cli_common import PROG, CliExit, positive_float, positive_int
 from idefics_kit.options import GenerationOptions
 
@@ -28,7 +28,7 @@ def add_ray_flags(parser: argparse.ArgumentParser) -> None:
         "--ray",
         action="store_true",
         help="run on a Ray cluster, one model per actor; -o is then a folder of part files "
-        "(Parquet when its name ends in .parquet) and the input may be JSONL or Parquet",
+        "(Parquet when its name ends in .parquet)",
     )
     group.add_argument(
         "--ray-address",
@@ -111,7 +111,6 @@ def run_ray_batch(
             print(f"{PROG}: {text}", file=err)
 
     written = 0
-    errors = 0
     progress: Progress | None = None
 
     def started(pending: int) -> None:
@@ -119,16 +118,15 @@ def run_ray_batch(
         progress = Progress(pending, enabled=not quiet, err=err)
 
     def on_row(row: dict[str, Any]) -> None:
-        nonlocal written, errors
+        nonlocal written
         written += 1
-        errors += row["error"] is not None
         if progress is not None:
             progress.advance(row)
 
     try:
-        with _quiet_ray(quiet):
+        with _quiet_ray(quiet), job_errors():
             summary = ray_job.run_batch(
-                args.input,
+                args.inputs,
                 args.output,
                 model=model,
                 actors=args.actors,
@@ -141,6 +139,8 @@ def run_ray_batch(
                 num_gpus_per_actor=args.gpus_per_actor,
                 allow_private_network=args.allow_private_network,
                 address=args.ray_address,
+                retry_errors=args.retry_errors,
+                overwrite=args.overwrite,
                 log_to_driver=not quiet,
                 notes=note,
                 on_start=started,
@@ -158,7 +158,13 @@ def run_ray_batch(
             progress.close()
     if summary.written:
         note(
-            f"wrote {summary.written} rows to {args.output} ({errors} with an error; "
-            f"{summary.already_done} were already there) in {summary.seconds:.1f} s"
+            summary_line(
+                args.output,
+                written=summary.written,
+                errors=summary.errors,
+                skipped=summary.already_done,
+                retried=summary.retried,
+                seconds=summary.seconds,
+            )
         )
     return 0

@@ -1,4 +1,4 @@
-"""The ``idefics-kit`` command line: ``ask``, ``batch`` and ``info``.
+"""The ``idefics-kit`` command line: ``ask``, ``batch``, ``batch-status``, ``info``, ``serve``.
 
 Also runnable as ``python -m idefics_kit``. :func:`main` parses the
 arguments, runs one command and returns the exit code: 0 ok, 1 a failure
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 
 from idefics_kit import __version__
-from idefics_kit._cli_batch import BatchJob, run_batch
+from idefics_kit._cli_batch import BatchJob, run_batch, run_status
 from idefics_kit._cli_common import PROG, CliExit, cli_message, one_line, positive_int
 from idefics_kit._cli_ray import add_ray_flags, run_ray_batch, wants_ray
 from idefics_kit._cli_serve import SERVE_EPILOG, add_serve_flags, engine_options, run_serve
@@ -58,7 +58,8 @@ _DEFAULTS = GenerationOptions()
 _MAIN_EPILOG = f"""\
 commands:
   ask     answer a question about one or more images, streaming the answer
-  batch   answer a JSONL file of conversations, resumably
+  batch   answer JSONL/Parquet files of conversations, resumably
+  batch-status  how far a batch output is (done, errors, remaining, running)
   info    describe a checkpoint: family, size, context, image settings, tokens
   serve   an OpenAI-compatible HTTP server (needs the [serve] extra)
 
@@ -91,20 +92,35 @@ _BATCH_EPILOG = f"""\
 input: one JSON object per line, messages in Conversation.to_messages() format:
   {{"id": "a1", "messages": [{{"role": "user", "content": [{{"type": "image", "path": "dog.jpg"}},
       {{"type": "text", "text": "What breed is this dog?"}}]}}]}}
-output: one JSON object per input line, in input order:
+(or Parquet files with id and messages columns). Several files, folders or
+quoted glob patterns may be given; ids must be unique across all of them.
+output: one JSON object per input, in input order:
   {{"id": "a1", "text": "...", "finish_reason": "stop",
    "usage": {{"prompt_tokens": 41, "completion_tokens": 7}}, "error": null}}
 A bad line gets a row with "error": {{"type": ..., "message": ...}} and the rest go on.
 Rows are appended and flushed one by one: after a crash or Ctrl-C, rerun the
-same command to resume (ids already in the output are skipped). Image URLs
-are fetched only from public internet addresses unless --allow-private-network
-is given.
+same command to resume (inputs already in the output are skipped). OUT.manifest.json
+records the model, options, SDK version and inputs: a rerun with other settings
+is refused (exit 2) unless --overwrite starts over. --retry-errors runs the
+error rows again and replaces them. One command per output at a time.
+'{PROG} batch-status OUT' shows how far an output is. Image URLs are fetched only
+from public internet addresses unless --allow-private-network is given.
 
 examples:
   {PROG} batch --model {_EXAMPLE_MODEL} questions.jsonl -o answers.jsonl
-  {PROG} batch --model {_EXAMPLE_MODEL} questions.jsonl -o answers.jsonl \\
+  {PROG} batch --model {_EXAMPLE_MODEL} part1.jsonl 'more/*.jsonl' -o answers.jsonl \\
       --batch-size 16 --max-new-tokens 128 --stop $'\\n'
+  {PROG} batch --model {_EXAMPLE_MODEL} questions.jsonl -o answers.jsonl --retry-errors
+  {PROG} batch-status answers.jsonl
   {PROG} batch --ray --actors 4 questions.jsonl -o answers/   # Ray cluster ([ray] extra)
+"""
+
+_BATCH_STATUS_EPILOG = f"""\
+Reads the output, its manifest and the inputs the manifest names; runs nothing.
+
+examples:
+  {PROG} batch-status answers.jsonl
+  {PROG} batch-status answers/ --json     # a --ray output folder
 """
 
 _INFO_EPILOG = f"""\
@@ -242,19 +258,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     batch = commands.add_parser(
         "batch",
-        help="answer a JSONL file of conversations, resumably",
-        description="Answer every conversation of a JSONL file; write one JSON row per line.",
+        help="answer JSONL/Parquet files of conversations, resumably",
+        description="Answer every conversation of JSONL or Parquet files; write one JSON row per input.",
         epilog=_BATCH_EPILOG,
         formatter_class=formatter,
         parents=[model, generation, network],
     )
-    batch.add_argument("input", type=Path, help="input JSONL file")
+    batch.add_argument(
+        "inputs",
+        nargs="+",
+        type=Path,
+        metavar="INPUT",
+        help="input JSONL or Parquet files, folders of them, or quoted glob patterns",
+    )
     batch.add_argument(
         "-o",
         "--output",
         type=Path,
         required=True,
         help="output JSONL file (appended to); with --ray, a folder of part files",
+    )
+    batch.add_argument(
+        "--retry-errors",
+        action="store_true",
+        help="also run again the inputs whose row is an error row; each new row replaces "
+        "the old one (crash-safe)",
+    )
+    batch.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="remove the output's rows and manifest first and start over (needed to change "
+        "--model, generation options or inputs of an existing output)",
     )
     batch.add_argument(
         "--batch-size",
@@ -265,6 +299,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_ray_flags(batch)
     batch.set_defaults(run=_cmd_batch)
+
+    batch_status = commands.add_parser(
+        "batch-status",
+        help="how far a batch output is",
+        description="Show how far a batch output (a JSONL file, or a --ray folder) is: rows "
+        "done, error rows, inputs remaining, and whether a job is writing it now.",
+        epilog=_BATCH_STATUS_EPILOG,
+        formatter_class=formatter,
+        parents=[_json_flag("print one JSON object")],
+    )
+    batch_status.add_argument("output", type=Path, help="the -o of the batch command")
+    batch_status.set_defaults(run=_cmd_batch_status, quiet=False)
 
     info = commands.add_parser(
         "info",
@@ -392,14 +438,21 @@ def _cmd_batch(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if wants_ray(args):
         return run_ray_batch(args, model, generation_options(args), err)
     job = BatchJob(
-        input=args.input,
+        inputs=tuple(args.inputs),
         output=args.output,
+        model=model,
         options=generation_options(args),
         batch_size=args.batch_size,
         quiet=args.quiet,
         allow_private_network=args.allow_private_network,
+        overwrite=args.overwrite,
+        retry_errors=args.retry_errors,
     )
     return run_batch(job, lambda: _load_generator(model, args), err)
+
+
+def _cmd_batch_status(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    return run_status(args.output, args.json, out)
 
 
 # -- info --------------------------------------------------------------------------------

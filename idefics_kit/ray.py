@@ -18,53 +18,35 @@ Two entry points:
   ``error`` (``type``, ``message``): :data:`ROW_SCHEMA`.
 * :func:`run_batch`, a one-call job: JSONL or Parquet files (or a Dataset) in,
   a folder of part files out whose rows are exactly those of ``idefics-kit
-  batch``. Duplicate ids are refused before any model work; a rerun skips the
-  ids already written (the output folder is the checkpoint); the driver is
-  the only writer and writes each id once, so retried Ray tasks (a killed
-  actor is restarted and its batch retried) cannot duplicate a row.
+  batch``. Inputs, rows, the manifest, the lock, the retry journal and the
+  ledger are :mod:`idefics_kit.jobs`, shared with the local command:
+  duplicate ids are refused before any model work; a rerun skips the ids
+  already written (the output folder is the checkpoint) and is refused if
+  the model, options or inputs differ; the driver is the only writer and
+  writes each id once, so retried Ray tasks (a killed actor is restarted and
+  its batch retried) cannot duplicate a row.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import json
 import math
 import os
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import ray.data
 
-from idefics_kit._cli_batch import (
-    Done,
-    Record,
-    RecordError,
-    RowWriter,
-    _check_unique,
-    conversation_of,
-    error_row,
-    find_duplicate,
-    read_done,
-    read_records,
-    result_row,
-)
-from idefics_kit._cli_common import CliExit
+from idefics_kit import jobs
 from idefics_kit.conversation import Conversation
-from idefics_kit.errors import (
-    ConversationError,
-    IdeficsKitError,
-    InvalidParameterError,
-    RuntimeFailure,
-    UsageError,
-)
+from idefics_kit.errors import IdeficsKitError, InvalidParameterError, RuntimeFailure, UsageError
+from idefics_kit.jobs import OutputFormat, Record, RecordError
 from idefics_kit.options import GenerationOptions
 
 if TYPE_CHECKING:
@@ -74,29 +56,10 @@ if TYPE_CHECKING:
 __all__ = ["ROW_SCHEMA", "JobSummary", "Predictor", "run_batch"]
 
 Row = dict[str, Any]
-OutputFormat = Literal["jsonl", "parquet"]
 
-_USAGE = pa.struct([("prompt_tokens", pa.int64()), ("completion_tokens", pa.int64())])
-_ERROR = pa.struct([("type", pa.string()), ("message", pa.string())])
-
-ROW_SCHEMA = pa.schema(
-    [
-        ("id", pa.string()),
-        ("text", pa.string()),
-        ("finish_reason", pa.string()),
-        ("usage", _USAGE),
-        ("error", _ERROR),
-    ]
-)
+ROW_SCHEMA = jobs.row_schema()
 """The columns :class:`Predictor` returns (usage and error are null when absent)."""
 
-# Parquet part files also hold the rows of input lines without a readable id.
-_PARQUET_SCHEMA = pa.schema([ROW_SCHEMA.field("id"), ("line", pa.int64()), *list(ROW_SCHEMA)[1:]])
-
-_JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
-_PARQUET_SUFFIXES = (".parquet", ".pq")
-_PART = re.compile(r"part-(\d{5})(?:-\d{5})?\.(jsonl|parquet)")
-_IMAGE_SOURCES = ("path", "url", "base64", "image")
 _DEFAULT_BATCH_SIZE = 8
 
 
@@ -174,13 +137,15 @@ class Predictor:
         conversations: list[Conversation] = []
         for position, row in enumerate(rows):
             record_id = row.get("id")
-            record = Record(0, str(record_id) if isinstance(record_id, str) and record_id else None)
+            record = Record(
+                line=0, id=record_id if isinstance(record_id, str) and record_id else None
+            )
             try:
                 if record.id is None:
                     raise RecordError(f'"id" must be a non-empty string, got {record_id!r}')
                 conversation = self._conversation(row)
             except IdeficsKitError as exc:
-                out[position] = error_row(record, exc)
+                out[position] = jobs.error_row(record, exc)
             else:
                 waiting.append((position, record))
                 conversations.append(conversation)
@@ -189,20 +154,13 @@ class Predictor:
                 conversations, self.options, batch_size=self.batch_size, on_error="return"
             )
             for (position, record), result in zip(waiting, results, strict=True):
-                out[position] = result_row(record, result)
+                out[position] = jobs.result_row(record, result)
         return pa.Table.from_pylist(out, schema=ROW_SCHEMA)
 
     def _conversation(self, row: Mapping[str, Any]) -> Conversation:
-        if "messages" not in row:
-            raise RecordError(
-                'no "messages" column; expected a list of chat messages '
-                f"(Conversation.to_messages() format), found {sorted(row)}"
-            )
-        messages = _messages(row["messages"])
-        images = row.get("images")
-        if images is not None or _has_byte_blocks(messages):
-            messages = _attach_images(messages, _plain(images) if images is not None else [])
-        return conversation_of(messages, allow_private_network=self.allow_private_network)
+        return jobs.conversation_of(
+            jobs.messages_of_row(row), allow_private_network=self.allow_private_network
+        )
 
 
 def _in_actor() -> bool:
@@ -238,203 +196,72 @@ def _rows_of(batch: Any) -> list[dict[str, Any]]:
     )
 
 
-def _messages(value: Any) -> Any:
-    """Messages as plain Python: a JSON string is parsed, Arrow/NumPy values made plain."""
-    if isinstance(value, (bytes, bytearray)):
-        value = bytes(value).decode("utf-8", errors="replace")
-    if isinstance(value, str):
-        try:
-            return json.loads(value)
-        except (ValueError, RecursionError) as exc:
-            raise RecordError(f'"messages" is a string but not valid JSON ({exc})') from None
-    return _plain(value)
-
-
-def _plain(value: Any) -> Any:
-    """NumPy arrays as lists and mappings without null fields (Arrow structs fill absent
-    keys with null), recursively."""
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        value = value.tolist()
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [_plain(item) for item in value]
-    return value
-
-
-def _blocks(messages: Any) -> Iterator[dict[str, Any]]:
-    if not isinstance(messages, list):
-        return
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        if isinstance(content, list):
-            yield from (block for block in content if isinstance(block, dict))
-
-
-def _has_byte_blocks(messages: Any) -> bool:
-    return any(block.get("type") == "image" and "bytes" in block for block in _blocks(messages))
-
-
-def _attach_images(messages: Any, images: Any) -> Any:
-    """Give ``bytes`` blocks and source-less image blocks (filled in order from the
-    ``images`` column) the base64 source the SDK decodes with its usual checks."""
-    if not isinstance(images, list):
-        raise ConversationError(f'"images" must be a list of binary values, got {images!r:.60}')
-    pending = list(images)
-    used = 0
-    for block in _blocks(messages):
-        if block.get("type") != "image":
-            continue
-        if "bytes" in block:
-            data = block.pop("bytes")
-        elif not any(key in block for key in _IMAGE_SOURCES):
-            if not pending:
-                raise ConversationError(
-                    f'the messages have more image blocks without a source than the "images" '
-                    f"column has images ({len(images)})"
-                )
-            data = pending.pop(0)
-            used += 1
-        else:
-            continue
-        if not isinstance(data, (bytes, bytearray)):
-            raise ConversationError(
-                f"an image from a bytes column must be binary, got {type(data).__name__}"
-            )
-        block["base64"] = base64.b64encode(bytes(data)).decode("ascii")
-    if pending:
-        raise ConversationError(
-            f'the "images" column has {len(images)} images but the messages use {used}; '
-            'give every image an {"type": "image"} block without a source'
-        )
-    return messages
-
-
 # -- inputs ---------------------------------------------------------------------------
 
 
 @dataclass
 class _Inputs:
-    """The inputs of a job: how many, which ids are left, and how to build their dataset."""
+    """What a run has to do: the pending ids, the rows the driver writes itself, and how
+    to build the Ray dataset of the pending rows."""
 
-    total: int
-    pending_ids: set[str] = field(default_factory=set)
-    driver_rows: list[Row] = field(default_factory=list)
-    """Rows the driver writes itself: JSONL lines that are not records (no model work)."""
-    build: Callable[[], Any] | None = None
-    """Makes the ray Dataset of the pending rows (called once Ray is up)."""
-    spare_cpus: int = 1
-    """CPUs to leave to Ray Data's read tasks (none for rows the driver hands over)."""
-
-
-@contextlib.contextmanager
-def _usage_errors() -> Iterator[None]:
-    """The CLI helpers raise CliExit; the Python API raises UsageError."""
-    try:
-        yield
-    except CliExit as exc:
-        raise UsageError(exc.message) from None
+    index: jobs.InputIndex
+    manifest_inputs: list[Path | str]
+    make: Callable[[], Any] | None = None
+    """The whole input as a Ray dataset (Parquet files, a Dataset); None for JSONL."""
+    paths: list[Path] | None = None
+    """JSONL input files, read by the driver."""
 
 
-def _paths(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[Path]:
-    raw = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
-    if not raw:
-        raise UsageError("no input files given")
-    paths: list[Path] = []
-    for item in raw:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(
-                p for p in path.iterdir() if p.suffix.lower() in _JSONL_SUFFIXES + _PARQUET_SUFFIXES
-            )
-            if not found:
-                raise UsageError(f"input folder {str(path)!r} holds no .jsonl or .parquet files")
-            paths.extend(found)
-        elif not path.is_file():
-            raise UsageError(f"input file {str(path)!r} not found")
-        else:
-            paths.append(path)
-    return paths
-
-
-def _format_of(paths: list[Path]) -> Literal["jsonl", "parquet"]:
-    kinds = {"parquet" if p.suffix.lower() in _PARQUET_SUFFIXES else "jsonl" for p in paths}
+def _path_inputs(inputs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> _Inputs:
+    paths = jobs.expand_inputs(inputs)
+    kinds = {jobs.input_format(path) for path in paths}
     if len(kinds) > 1:
         raise UsageError("the input files mix JSONL and Parquet; give one format at a time")
-    if kinds == {"jsonl"} and len(paths) > 1:
-        raise UsageError(
-            f"give one JSONL input file (or any number of Parquet files); got {len(paths)}"
-        )
-    return "parquet" if kinds == {"parquet"} else "jsonl"
+    index = jobs.index_inputs(paths)
+    if kinds == {"jsonl"}:
+        return _Inputs(index=index, manifest_inputs=list(paths), paths=paths)
+    import pyarrow.parquet as pq
+
+    columns = sorted(
+        {
+            name
+            for path in paths
+            for name in pq.read_schema(path).names
+            if name in ("id", "messages", "images")
+        }
+    )
+    files = [str(path.resolve()) for path in paths]
+    return _Inputs(
+        index=index,
+        manifest_inputs=list(paths),
+        make=lambda: ray.data.read_parquet(files).select_columns(columns),
+    )
 
 
-def _jsonl_inputs(path: Path, done: Done, per_task: int) -> _Inputs:
-    """Index, check and parse a JSONL file in the driver (the same checks as the local
-    command); the pending records travel to the actors with their messages as JSON text."""
-    with _usage_errors():
-        index = [(record.line, record.id) for record in read_records(path)]
-        _check_unique(index, path)
-        inputs = _Inputs(total=len(index), spare_cpus=0)
-        items: list[Row] = []
-        for record in read_records(path):
-            if done.has(record.line, record.id):
-                continue
-            if record.error is not None or record.id is None:
-                inputs.driver_rows.append(error_row(record, record.error or RecordError("no id")))
-                continue
-            # ensure_ascii: Arrow strings must be valid UTF-8, and a lone surrogate is not.
-            items.append({"id": record.id, "messages": json.dumps(record.messages)})
-            inputs.pending_ids.add(record.id)
-
-    def build() -> Any:
-        return ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / per_task))
-
-    inputs.build = build if items else None
-    return inputs
-
-
-def _where(positions: Sequence[tuple[str, int]], numbers: Sequence[int]) -> str:
-    places = [positions[number] for number in numbers]
-    if len({name for name, _ in places}) == 1:
-        rows = [str(row) for _, row in places]
-        joined = rows[0] if len(rows) == 1 else f"{', '.join(rows[:-1])} and {rows[-1]}"
-        return f"rows {joined} of {places[0][0]}"
-    return " and ".join(f"row {row} of {name}" for name, row in places)
-
-
-def _table_inputs(
-    make: Callable[[], Any], ids: list[Any], positions: list[tuple[str, int]], done: Done
-) -> _Inputs:
-    """Check the ids of a Parquet/Dataset input; build its dataset without the done rows."""
-    for number, record_id in enumerate(ids):
+def _dataset_inputs(dataset: Any) -> _Inputs:
+    names = dataset.columns()
+    if "id" not in names or "messages" not in names:
+        raise UsageError(f"the dataset has the columns {names}; it needs 'id' and 'messages'")
+    ids: list[Any] = []
+    for batch in dataset.select_columns(["id"]).iter_batches(
+        batch_size=None, batch_format="pyarrow"
+    ):
+        ids.extend(batch.column("id").to_pylist())
+    for row, record_id in enumerate(ids, start=1):
         if not isinstance(record_id, str) or not record_id:
-            name, row = positions[number]
             raise UsageError(
-                f'row {row} of {name}: "id" must be a non-empty string, got {record_id!r}; '
-                "every row needs a unique string id"
+                f'row {row} of the dataset: "id" must be a non-empty string, got '
+                f"{record_id!r}; every row needs a unique string id"
             )
-    duplicate = find_duplicate(enumerate(ids))
+    duplicate = jobs.find_duplicate(enumerate(ids, start=1))
     if duplicate is not None:
-        record_id, numbers = duplicate
+        record_id, rows = duplicate
+        where = ", ".join(str(row) for row in rows)
         raise UsageError(
-            f"duplicate id {record_id!r} on {_where(positions, numbers)}; every id must be unique"
+            f"duplicate id {record_id!r} on rows {where} of the dataset; every id must be unique"
         )
-    pending = {record_id for record_id in ids if record_id not in done.ids}
-    inputs = _Inputs(total=len(ids), pending_ids=pending)
-
-    def build() -> Any:
-        dataset = make()
-        if len(pending) == len(ids):
-            return dataset
-        return dataset.map_batches(
-            _keep_pending,
-            fn_kwargs={"pending": pa.array(sorted(pending), type=pa.string())},
-            batch_format="pyarrow",
-            batch_size=None,
-        )
-
-    inputs.build = build if pending else None
-    return inputs
+    index = jobs.InputIndex(paths=(), keys=tuple(ids))
+    return _Inputs(index=index, manifest_inputs=["a ray.data.Dataset"], make=lambda: dataset)
 
 
 def _keep_pending(batch: pa.Table, pending: pa.Array) -> pa.Table:
@@ -444,131 +271,57 @@ def _keep_pending(batch: pa.Table, pending: pa.Array) -> pa.Table:
     return batch.filter(pc.is_in(batch.column("id").cast(pa.string()), value_set=pending))
 
 
-def _parquet_inputs(paths: list[Path], done: Done) -> _Inputs:
-    ids: list[Any] = []
-    positions: list[tuple[str, int]] = []
-    columns: set[str] = set()
-    for path in paths:
-        try:
-            schema = pq.read_schema(path)
-            if "id" not in schema.names or "messages" not in schema.names:
-                raise UsageError(
-                    f"{path} has the columns {schema.names}; an input needs an 'id' and a "
-                    "'messages' column (and, for image bytes, optionally 'images')"
-                )
-            column = pq.read_table(path, columns=["id"]).column("id").to_pylist()
-        except (OSError, pa.ArrowException) as exc:
-            raise UsageError(f"cannot read the Parquet input {str(path)!r}: {exc}") from None
-        columns.update(name for name in ("id", "messages", "images") if name in schema.names)
-        ids.extend(column)
-        positions.extend((str(path), row) for row in range(1, len(column) + 1))
-    files = [str(path.resolve()) for path in paths]
-    return _table_inputs(
-        lambda: ray.data.read_parquet(files).select_columns(sorted(columns)), ids, positions, done
-    )
+@dataclass
+class _Plan:
+    """The pending work of one run."""
+
+    pending_ids: set[str]
+    driver_rows: list[Row]
+    """Rows the driver writes itself: JSONL lines that are not records (no model work)."""
+    build: Callable[[], Any] | None
+    """Makes the Ray dataset of the pending rows (called once Ray is up)."""
+    spare_cpus: int
+    """CPUs to leave to Ray Data's read tasks (none for rows the driver hands over)."""
 
 
-def _dataset_inputs(dataset: Any, done: Done) -> _Inputs:
-    names = dataset.columns()
-    if "id" not in names or "messages" not in names:
-        raise UsageError(f"the dataset has the columns {names}; it needs 'id' and 'messages'")
-    ids: list[Any] = []
-    for batch in dataset.select_columns(["id"]).iter_batches(
-        batch_size=None, batch_format="pyarrow"
-    ):
-        ids.extend(batch.column("id").to_pylist())
-    positions = [("the dataset", row) for row in range(1, len(ids) + 1)]
-    return _table_inputs(lambda: dataset, ids, positions, done)
-
-
-# -- output: a folder of part files ------------------------------------------------------
-
-
-def _read_output(folder: Path) -> tuple[Done, OutputFormat | None, int]:
-    """The rows already written (the job's checkpoint), the parts' format, the next run."""
-    done = Done()
-    if not folder.exists():
-        return done, None, 0
-    if not folder.is_dir():
-        raise UsageError(
-            f"the output {str(folder)!r} is a file; a Ray job writes a folder of part files"
+def _plan(inputs: _Inputs, pending: set[jobs.Key], per_task: int) -> _Plan:
+    if inputs.paths is not None:  # JSONL: parsed and checked in the driver
+        items: list[Row] = []
+        driver_rows: list[Row] = []
+        for record in jobs.read_records(inputs.paths):
+            if record.key not in pending:
+                continue
+            if record.error is not None or record.id is None:
+                driver_rows.append(jobs.error_row(record, record.error or RecordError("no id")))
+                continue
+            # ensure_ascii: Arrow strings must be valid UTF-8, and a lone surrogate is not.
+            items.append({"id": record.id, "messages": json.dumps(record.messages)})
+        blocks = math.ceil(len(items) / per_task)
+        return _Plan(
+            pending_ids={item["id"] for item in items},
+            driver_rows=driver_rows,
+            build=(lambda: ray.data.from_items(items, override_num_blocks=blocks))
+            if items
+            else None,
+            spare_cpus=0,
         )
-    for leftover in folder.glob(".part-*.tmp"):  # an interrupted Parquet flush
-        leftover.unlink()
-    parts = sorted(
-        (int(match.group(1)), path)
-        for path in folder.iterdir()
-        if (match := _PART.fullmatch(path.name))
-    )
-    formats = {path.suffix for _, path in parts}
-    if len(formats) > 1:
-        raise UsageError(f"the output folder {str(folder)!r} holds both JSONL and Parquet parts")
-    for _, path in parts:
-        if path.suffix == ".jsonl":
-            with _usage_errors():
-                part = read_done(path)
-            done.ids |= part.ids
-            done.lines |= part.lines
-            done.rows += part.rows
-            done.truncated |= part.truncated
-            continue
-        try:
-            table = pq.read_table(path, columns=["id", "line"])
-        except (OSError, pa.ArrowException) as exc:
-            raise UsageError(f"cannot read the output part {str(path)!r}: {exc}") from None
-        for row in table.to_pylist():
-            done.add(row if row["id"] is None else {"id": row["id"]})
-    found: OutputFormat | None = None
-    if formats:
-        found = "parquet" if formats == {".parquet"} else "jsonl"
-    return done, found, (parts[-1][0] + 1 if parts else 0)
+    make = inputs.make
+    assert make is not None
+    ids = {key for key in pending if isinstance(key, str)}
+    everything = len(ids) == len(inputs.index.keys)
 
+    def build() -> Any:
+        dataset = make()
+        if everything:
+            return dataset
+        return dataset.map_batches(
+            _keep_pending,
+            fn_kwargs={"pending": pa.array(sorted(ids), type=pa.string())},
+            batch_format="pyarrow",
+            batch_size=None,
+        )
 
-class _Writer:
-    """This run's part file(s). JSONL: one file, each row appended, flushed and fsync'd.
-    Parquet: a new file every ``flush_rows`` rows, written aside and renamed into place."""
-
-    def __init__(self, folder: Path, run: int, kind: OutputFormat, flush_rows: int) -> None:
-        folder.mkdir(parents=True, exist_ok=True)
-        self.folder, self.run, self.flush_rows = folder, run, flush_rows
-        self.count = 0
-        self._buffer: list[Row] = []
-        self._seq = 0
-        self._jsonl: RowWriter | None = None
-        if kind == "jsonl":
-            with _usage_errors():
-                self._jsonl = RowWriter(folder / f"part-{run:05d}.jsonl")
-
-    def write(self, row: Row) -> None:
-        if self._jsonl is not None:
-            self._jsonl.write(row)
-        else:
-            self._buffer.append(row)
-            if len(self._buffer) >= self.flush_rows:
-                self.flush()
-        self.count += 1
-
-    def flush(self) -> None:
-        if not self._buffer:
-            return
-        name = f"part-{self.run:05d}-{self._seq:05d}.parquet"
-        temporary = self.folder / f".{name}.tmp"
-        rows = [{"line": None, **row} for row in self._buffer]
-        pq.write_table(pa.Table.from_pylist(rows, schema=_PARQUET_SCHEMA), temporary)
-        with open(temporary, "rb") as file:
-            os.fsync(file.fileno())
-        os.replace(temporary, self.folder / name)
-        self._buffer.clear()
-        self._seq += 1
-
-    def close(self) -> None:
-        if self._jsonl is None:
-            self.flush()
-            return
-        self._jsonl.close()
-        if self._jsonl.count == 0:
-            with contextlib.suppress(OSError):
-                self._jsonl.path.unlink()
+    return _Plan(pending_ids=ids, driver_rows=[], build=build if ids else None, spare_cpus=1)
 
 
 def _as_row(row: Row) -> Row:
@@ -587,34 +340,25 @@ class JobSummary:
     total: int
     """Input rows."""
     written: int
-    """Rows this run wrote."""
+    """Rows this run wrote (answers and error rows)."""
     errors: int
     """Rows this run wrote with an error."""
     already_done: int
     """Input rows that already had their output row, so were skipped."""
     seconds: float
     """Wall time of this run, Ray start-up and model loading included."""
+    retried: int = 0
+    """Rows this run wrote in place of an earlier error row (``retry_errors``)."""
+
+    @property
+    def done(self) -> int:
+        """Rows this run wrote with an answer."""
+        return self.written - self.errors
 
 
 def _check_positive(name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidParameterError(name, f"{name} must be an int >= 1, got {value!r}", value)
-
-
-def _output_format(
-    folder: Path, requested: OutputFormat | None, found: OutputFormat | None
-) -> OutputFormat:
-    kind = requested or found or ("parquet" if folder.suffix.lower() == ".parquet" else "jsonl")
-    if kind not in ("jsonl", "parquet"):
-        raise InvalidParameterError(
-            "output_format", f"output_format must be 'jsonl' or 'parquet', got {kind!r}", kind
-        )
-    if found is not None and found != kind:
-        raise UsageError(
-            f"the output folder {str(folder)!r} already holds {found} parts; "
-            f"cannot add {kind} parts to it"
-        )
-    return kind
 
 
 @contextlib.contextmanager
@@ -668,6 +412,8 @@ def run_batch(
     address: str | None = None,
     output_format: OutputFormat | None = None,
     flush_rows: int = 1000,
+    retry_errors: bool = False,
+    overwrite: bool = False,
     log_to_driver: bool = True,
     notes: Callable[[str], None] | None = None,
     on_start: Callable[[int], None] | None = None,
@@ -675,17 +421,26 @@ def run_batch(
 ) -> JobSummary:
     """Answer every input row on a Ray cluster; write one row per input to ``output``.
 
-    ``inputs``: a JSONL file, Parquet files (or a folder of them), or a
+    ``inputs``: JSONL files or Parquet files (paths, folders or glob patterns;
+    one format per job; ids unique across all of them), or a
     ``ray.data.Dataset`` with ``id`` and ``messages`` columns (see
     :class:`Predictor`). ``output``: a folder that receives part files
-    (``part-NNNNN.jsonl``; Parquet when its name ends in ``.parquet`` or with
-    ``output_format="parquet"``) whose rows are those of ``idefics-kit
-    batch``, in the order they finish.
+    (``part-RRRRR-TTTTTTTT.jsonl``, a new name each run; Parquet when its name
+    ends in ``.parquet`` or with ``output_format="parquet"``) whose rows are
+    those of ``idefics-kit batch``, in the order they finish. The output
+    machinery is :mod:`idefics_kit.jobs`: a lock (a second job on the same
+    folder raises :class:`~idefics_kit.jobs.OutputBusyError`), a manifest (a
+    rerun with another model, other options or other inputs raises
+    :class:`~idefics_kit.jobs.OutputMismatchError`, the folder untouched;
+    ``overwrite=True`` removes its rows and starts over) and a ledger.
 
     Before any model work the ids are checked (a duplicate, or a missing id in
     a Parquet/Dataset input, raises :class:`~idefics_kit.UsageError`) and the
     rows already in ``output`` are read: their ids are skipped, so rerunning
-    an interrupted job finishes it. With nothing left to do, Ray is not used.
+    an interrupted job finishes it; with ``retry_errors`` the inputs whose row
+    is an error row run again, and each new row replaces the old one (through
+    a journal merged atomically at the end, crash-safe). With nothing left to
+    do, Ray is not used.
 
     Ray: the session this process already has (``ray.init(...)``, or ``ray
     job submit``) is used; else ``address`` (``"auto"``, ``"host:6379"``,
@@ -708,60 +463,67 @@ def run_batch(
     per_task = rows_per_task if rows_per_task is not None else max(32, 4 * batch_size)
     _check_positive("rows_per_task", per_task)
     _check_positive("flush_rows", flush_rows)
+    if output_format not in (None, "jsonl", "parquet"):
+        raise InvalidParameterError(
+            "output_format",
+            f"output_format must be 'jsonl' or 'parquet', got {output_format!r}",
+            output_format,
+        )
     folder = Path(output)
-    done, found, run = _read_output(folder)
-    kind = _output_format(folder, output_format, found)
 
     if isinstance(inputs, (str, os.PathLike, list, tuple)):
-        paths = _paths(inputs)
-        if _format_of(paths) == "jsonl":
-            job = _jsonl_inputs(paths[0], done, per_task)
-        else:
-            job = _parquet_inputs(paths, done)
+        job = _path_inputs(inputs)
     elif callable(getattr(inputs, "select_columns", None)):
-        job = _dataset_inputs(inputs, done)
+        job = _dataset_inputs(inputs)
     else:
         raise UsageError(
             "inputs must be a path, a list of paths or a ray.data.Dataset, got "
             f"{type(inputs).__name__}"
         )
-    if done.truncated:
-        note(f"removed a partial last line from a part file in {folder} (an interrupted write)")
-    pending = len(job.pending_ids) + len(job.driver_rows)
-    already = job.total - pending
+    manifest = jobs.Manifest.create(
+        model=model, options=options or GenerationOptions(), inputs=job.manifest_inputs
+    )
+    total = len(job.index.keys)
+    with jobs.PartsOutput.open(
+        folder,
+        manifest,
+        output_format=output_format,
+        flush_rows=flush_rows,
+        overwrite=overwrite,
+        note=note,
+    ) as out:
+        pending = job.index.pending(out.ledger, retry_errors=retry_errors)
+        already = total - len(pending)
 
-    def summary(writer: _Writer | None, errors: int) -> JobSummary:
-        written = 0 if writer is None else writer.count
-        return JobSummary(folder, job.total, written, errors, already, time.monotonic() - started)
+        def summary() -> JobSummary:
+            seconds = time.monotonic() - started
+            return JobSummary(folder, total, out.written, out.errors, already, seconds, out.retried)
 
-    if pending == 0:
-        note(f"nothing to do: all {job.total} inputs already have a row in {folder}")
-        return summary(None, 0)
-    if already:
-        note(f"resuming: {already} of {job.total} inputs already in {folder}")
+        if not pending:
+            errors = sum(out.ledger.is_error(key) for key in job.index.keys)
+            hint = f" ({errors} with an error; retry_errors runs them again)" if errors else ""
+            note(f"nothing to do: all {total} inputs already have a row in {folder}{hint}")
+            return summary()
+        if already:
+            note(f"resuming: {already} of {total} inputs already in {folder}")
+        plan = _plan(job, pending, per_task)
+        if on_start is not None:
+            on_start(len(pending))
+        seen: set[str] = set()
 
-    if on_start is not None:
-        on_start(pending)
-    writer = _Writer(folder, run, kind, flush_rows)
-    errors = 0
+        def emit(row: Row) -> None:
+            out.write(row)
+            if on_row is not None:
+                on_row(row)
 
-    def emit(row: Row) -> None:
-        nonlocal errors
-        writer.write(row)
-        done.add(row)
-        errors += row["error"] is not None
-        if on_row is not None:
-            on_row(row)
-
-    try:
-        for row in job.driver_rows:
+        for row in plan.driver_rows:
             emit(row)
-        if job.build is not None:
+        if plan.build is not None:
             with _ray_session(address, log_to_driver):
                 count, cpus, gpus = _resources(
-                    actors, num_cpus_per_actor, num_gpus_per_actor, job.spare_cpus
+                    actors, num_cpus_per_actor, num_gpus_per_actor, plan.spare_cpus
                 )
-                dataset = job.build().map_batches(
+                dataset = plan.build().map_batches(
                     Predictor,
                     fn_constructor_kwargs={
                         "model": model,
@@ -780,14 +542,14 @@ def run_batch(
                 for block in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
                     for row in block.to_pylist():
                         # A retried task (a restarted actor) may send a row again: once only.
-                        if row["id"] in job.pending_ids and row["id"] not in done.ids:
+                        if row["id"] in plan.pending_ids and row["id"] not in seen:
+                            seen.add(row["id"])
                             emit(_as_row(row))
-    finally:
-        writer.close()
-    missing = job.pending_ids - done.ids
+        result = summary()
+    missing = plan.pending_ids - seen
     if missing:
         raise RuntimeFailure(
             f"{len(missing)} inputs got no row (for example {sorted(missing)[0]!r}); "
             "rerun the same job to answer them"
         )
-    return summary(writer, errors)
+    return result

@@ -34,8 +34,16 @@ from idefics_kit import (
     ImagePart,
     InvalidParameterError,
 )
-from idefics_kit._cli_batch import (
-    Done,
+from idefics_kit.cli import (
+    build_parser,
+    format_info,
+    generation_options,
+    image_part,
+    main,
+    model_info,
+)
+from idefics_kit.jobs import (
+    JsonlOutput,
     Record,
     RecordError,
     RowWriter,
@@ -44,16 +52,7 @@ from idefics_kit._cli_batch import (
     error_row,
     find_duplicate,
     parse_record,
-    read_done,
     result_row,
-)
-from idefics_kit.cli import (
-    build_parser,
-    format_info,
-    generation_options,
-    image_part,
-    main,
-    model_info,
 )
 from tests.conftest import FAMILIES, picture
 
@@ -533,10 +532,10 @@ def test_parse_bad_records(raw: bytes, record_id: str | None, message: str) -> N
 def test_parse_good_record_and_rows(cpu_gens: dict[str, Generator]) -> None:
     messages = user(text("Hi there"))
     record = parse_record(3, json.dumps({"id": "é1", "messages": messages, "meta": 1}).encode())
-    assert record == Record(3, "é1", messages)
+    assert record == Record(line=3, id="é1", messages=messages)
     result = cpu_gens["idefics2"].generate(Conversation.from_messages(messages), max_new_tokens=3)
     assert result_row(record, result) == row_of("é1", result)
-    nameless = Record(9, None, error=RecordError("x"))
+    nameless = Record(line=9, id=None, error=RecordError("x"))
     assert list(error_row(nameless, ConversationError("bad"))) == [
         "id", "line", "text", "finish_reason", "usage", "error"
     ]  # fmt: skip
@@ -555,12 +554,12 @@ def test_answer_keeps_order_and_gives_each_failure_its_row(
     gen = cpu_gens["idefics"]
     photo = ImagePart.from_pil(picture(20, 20, seed=1)).to_message_content()
     records = [
-        Record(1, "r1", user(text("Describe a dog."))),
-        Record(2, None, error=RecordError("line 2: invalid JSON")),
-        Record(3, "bad-role", [{"role": "robot", "content": "hi"}]),
-        Record(4, "url-text", user(photo, text("http://x.org/a.png"))),
-        Record(5, "r5", user(text("Count to three."))),
-        Record(6, "no-messages", error=RecordError('line 6: no "messages" key')),
+        Record(line=1, id="r1", messages=user(text("Describe a dog."))),
+        Record(line=2, id=None, error=RecordError("line 2: invalid JSON")),
+        Record(line=3, id="bad-role", messages=[{"role": "robot", "content": "hi"}]),
+        Record(line=4, id="url-text", messages=user(photo, text("http://x.org/a.png"))),
+        Record(line=5, id="r5", messages=user(text("Count to three."))),
+        Record(line=6, id="no-messages", error=RecordError('line 6: no "messages" key')),
     ]
     sent: list[Conversation] = []
     original = gen.iter_batch
@@ -608,18 +607,20 @@ def test_conversation_of_trusts_url_images_only_when_asked() -> None:
     ]  # fmt: skip
 
 
-def test_read_done_cuts_a_partial_line_and_rejects_foreign_files(tmp_path: Path) -> None:
+def test_opening_an_output_cuts_a_partial_line_and_reads_the_ledger(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
-    assert read_done(out) == Done()
-    complete = '{"id": "a"}\n{"id": null, "line": 4}\n\n{"id": "b"}\n'
+    with JsonlOutput.open(out, None) as output:
+        assert output.ledger.rows == {}
+    assert not out.exists()
+    complete = '{"id": "a", "error": null}\n{"id": null, "line": 4, "error": {}}\n\n{"id": "b"}\n'
     out.write_text(complete + '{"id": "c", "te')
-    done = read_done(out)
-    assert (done.ids, done.lines, done.rows, done.truncated) == ({"a", "b"}, {4}, 3, True)
+    notes: list[str] = []
+    with JsonlOutput.open(out, None, note=notes.append) as output:
+        assert output.ledger.rows == {"a": False, (None, 4): True, "b": False}
+    assert notes == [f"removed a partial last line from {out} (an interrupted write)"]
     assert out.read_text() == complete
-    assert [done.has(1, "a"), done.has(4, None), done.has(1, "c"), done.has(5, None)] == [
-        True, True, False, False
-    ]  # fmt: skip
-    assert read_done(out) == Done({"a", "b"}, {4}, 3, False)
+    with JsonlOutput.open(out, None) as output:
+        assert (output.ledger.done, output.ledger.errors) == (2, 1)
 
 
 def test_batch_refuses_foreign_output_files(
@@ -632,12 +633,12 @@ def test_batch_refuses_foreign_output_files(
         out.write_text(foreign)
         assert main([*argv, str(out)]) == 1
         assert capsys.readouterr().err == (
-            f"idefics-kit: error: line 2 of the output file {str(out)!r} is not a row of "
-            "'idefics-kit batch'; pass another -o, or fix or remove that file\n"
+            f"idefics-kit: error: line 2 of the output file {str(out)!r} is not a row of a "
+            "batch job; use another output, or fix or remove that file\n"
         )
         assert out.read_text() == foreign
     assert main([*argv, str(source)]) == 1
-    assert "is the input file" in capsys.readouterr().err
+    assert "is an input file; pass another -o" in capsys.readouterr().err
 
 
 def test_ctrl_c_waits_for_the_row_being_written(

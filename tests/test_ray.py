@@ -12,13 +12,19 @@ local ``idefics-kit batch`` command writes for the same file.
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.server
 import json
 import os
 import random
+import re
+import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -35,7 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ray = pytest.importorskip("ray")
 ray_data = pytest.importorskip("ray.data")
 
-from idefics_kit import Conversation, ImagePart, UsageError  # noqa: E402
+from idefics_kit import Conversation, GenerationOptions, ImagePart, UsageError, jobs  # noqa: E402
 from idefics_kit.cli import main as cli_main  # noqa: E402
 from idefics_kit.ray import ROW_SCHEMA, Predictor, run_batch  # noqa: E402
 from idefics_kit.toy.scenes import QUESTIONS, draw_count_scene, draw_scene  # noqa: E402
@@ -313,7 +319,10 @@ class _SlowImageHandler(http.server.BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         self.server.fast.wait(self.server.delay)
-        body = self.server.images[self.path.lstrip("/")]
+        body = self.server.images.get(self.path.lstrip("/"))
+        if body is None:
+            self.send_error(404)
+            return
         self.send_response(200)
         self.send_header("Content-Type", "image/png")
         self.send_header("Content-Length", str(len(body)))
@@ -374,10 +383,9 @@ def test_an_interrupted_cli_job_rerun_ends_with_every_id_once(
         process = subprocess.Popen(
             command, env=environment, stderr=subprocess.PIPE, text=True, cwd=ROOT
         )
-        part = output / "part-00000.jsonl"
         deadline = time.monotonic() + 150
         while time.monotonic() < deadline and process.poll() is None:
-            if part.exists() and part.read_text().count("\n") >= 1:
+            if any(part.read_text().count("\n") >= 1 for part in output.glob("part-*.jsonl")):
                 break
             time.sleep(0.05)
         assert process.poll() is None, (
@@ -396,6 +404,12 @@ def test_an_interrupted_cli_job_rerun_ends_with_every_id_once(
             input_path, output, actors=1, num_cpus_per_actor=1, allow_private_network=True
         )
     assert summary.already_done == len(first)
+    # One part per run, never shared: the run number and a random token in each name.
+    names = sorted(part.name for part in output.glob("part-*.jsonl"))
+    assert len(names) == 2, names
+    assert [name[:11] for name in names] == ["part-00000-", "part-00001-"]
+    assert all(re.fullmatch(r"part-0000[01]-[0-9a-f]{8}\.jsonl", name) for name in names)
+    assert names[0][11:] != names[1][11:]
     got = _by_key(_part_rows(output))
     assert set(got) == {row["id"] for row in rows}
     for row in rows:
@@ -429,8 +443,9 @@ def test_parquet_in_and_out_with_images_in_a_binary_column(
     # A first run wrote two rows (one Parquet part): the rerun must answer only the others.
     output = tmp_path / "out.parquet"
     output.mkdir()
-    first = [{"line": None, **job["local"][row["id"]]} for row in rows[:2]]
-    schema = pa.schema([ROW_SCHEMA.field("id"), ("line", pa.int64()), *list(ROW_SCHEMA)[1:]])
+    first = [{"line": None, "input": None, **job["local"][row["id"]]} for row in rows[:2]]
+    id_line_input = [ROW_SCHEMA.field("id"), ("line", pa.int64()), ("input", pa.string())]
+    schema = pa.schema([*id_line_input, *list(ROW_SCHEMA)[1:]])
     pq.write_table(pa.Table.from_pylist(first, schema), output / "part-00000-00000.parquet")
 
     summary = run_batch(tmp_path / "in.parquet", output, actors=1, num_cpus_per_actor=1)
@@ -440,7 +455,7 @@ def test_parquet_in_and_out_with_images_in_a_binary_column(
     assert table.num_rows == len(rows)
     got = {row["id"]: row for row in table.to_pylist()}
     for row in rows:
-        assert got[row["id"]] == {"line": None, **job["local"][row["id"]]}
+        assert got[row["id"]] == {"line": None, "input": None, **job["local"][row["id"]]}
     assert table.schema.field("usage").type == ROW_SCHEMA.field("usage").type
 
 
@@ -472,3 +487,226 @@ def test_predictor_takes_every_batch_format_and_byte_blocks(job: dict[str, Any])
     numpy = {"id": np.array([row["id"]], dtype=object), "messages": np.array([text], dtype=object)}
     assert predictor(numpy).to_pylist() == [expected]
     assert predictor.threads == 1
+
+
+# -- retry, several inputs, manifest, lock, status (issue 22) -----------------------------------
+
+
+def test_retry_errors_with_several_inputs_even_when_killed_mid_retry(
+    ray_address: str, job: dict[str, Any], tmp_path: Path
+) -> None:
+    """Two JSONL inputs (one as a glob); three rows fail (their images are not served
+    yet) and one line is broken. Once the images are there, ``batch --ray
+    --retry-errors`` is killed (SIGKILL) after its first retried rows; the rerun
+    merges what it wrote and retries the rest: each id once, rows equal to the
+    local command's."""
+    good = [dict(row) for row in job["rows"][:4] if row["id"].startswith("g")]
+    images: dict[str, bytes] = {}
+    output = tmp_path / "out"
+    with _SlowImages(images, delay=0.0) as server:
+        failing = [
+            {"id": f"later{n}", "messages": _ask({"type": "image", "url": server.url(f"{n}.png")})}
+            for n in range(3)
+        ]
+        first = _write_jsonl(tmp_path / "a.jsonl", [good[0], failing[0], good[1]])
+        second = _write_jsonl(
+            tmp_path / "b.jsonl", [failing[1], good[2], failing[2]], {1: "{broken"}
+        )
+        inputs = [str(first), str(tmp_path / "b*.jsonl")]
+        summary = run_batch(
+            inputs, output, actors=1, num_cpus_per_actor=1, allow_private_network=True
+        )
+        assert (summary.total, summary.written, summary.errors) == (7, 7, 4)
+        rows = _by_key(_part_rows(output))
+        broken = [row for row in rows.values() if row["id"] is None]
+        assert [(row["line"], row["input"]) for row in broken] == [(2, str(second.resolve()))]
+        assert {key for key, row in rows.items() if row["error"]} == {
+            "later0", "later1", "later2", "line:2"
+        }  # fmt: skip
+        assert "404" in rows["later0"]["error"]["message"]
+        again = run_batch(inputs, output, actors=1)  # error rows count as done
+        assert (again.written, again.already_done) == (0, 7)
+
+        for number in range(3):
+            images[f"{number}.png"] = _image_bytes(good[number]["messages"][0]["content"][0])
+        reference = tmp_path / "reference.jsonl"
+        argv = ["batch", "--quiet", "--allow-private-network", *inputs]
+        assert cli_main([*argv, "-o", str(reference)]) == 0
+        before = _snapshot(output)
+
+        # Each image now takes 2 s: kill the retry once its first rows are in the journal
+        # (the broken line's row comes first, from the driver, then the actor's).
+        server.delay = 2.0
+        command = [
+            sys.executable, "-m", "idefics_kit", *argv, "--ray", "--ray-address", ray_address,
+            "--actors", "1", "--cpus-per-actor", "1", "--rows-per-task", "1", "--retry-errors",
+            "-o", str(output),
+        ]  # fmt: skip
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+        process = subprocess.Popen(command, env=environment, stderr=subprocess.PIPE, cwd=ROOT)
+        journal = output / ".retry.jsonl"
+        try:
+            deadline = time.monotonic() + 150
+            while time.monotonic() < deadline and process.poll() is None:
+                if journal.exists() and journal.read_bytes().count(b"\n") >= 2:
+                    break
+                time.sleep(0.05)
+            assert process.poll() is None, process.communicate()[1]
+        finally:
+            process.kill()
+            process.communicate(timeout=60)
+        written = journal.read_bytes().count(b"\n")
+        assert 2 <= written < 4
+        # The parts are untouched; the killed driver left its journal and its lock file.
+        after = _snapshot(output)
+        assert set(after) == {*before, ".retry.jsonl", ".lock"}
+        assert {name: after[name] for name in before} == before
+        assert jobs.status(output).retry_pending == written
+
+        server.delay = 0.0
+        notes: list[str] = []
+        retried = run_batch(
+            inputs, output, actors=1, num_cpus_per_actor=1, allow_private_network=True,
+            retry_errors=True, notes=notes.append,
+        )  # fmt: skip
+    assert f"merged {written} rows of an interrupted retry into {output}" in notes
+    assert any(note.startswith(f"took over the lock of {output}") for note in notes)
+    # The rest of the three, and the broken line again (an error row like any other).
+    assert (retried.written, retried.retried, retried.errors) == (5 - written, 5 - written, 1)
+    assert len(list(output.glob("part-*.jsonl"))) == 1  # merged into the first run's part
+    assert not journal.exists()
+    expected = _by_key([json.loads(line) for line in reference.read_text().splitlines()])
+    assert _by_key(_part_rows(output)) == expected
+    state = jobs.status(output)
+    assert (state.done, state.errors, state.remaining, state.inputs) == (6, 1, 0, 7)
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_a_ray_output_refuses_other_settings_and_a_second_writer(
+    ray_run: dict[str, Any], job: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """No Ray work: each refusal comes before any (the folder of the 200-row job above)."""
+    folder = job["folder"] / "ray_out"
+    state = jobs.status(folder)
+    total = len(job["local"])
+    assert (state.done, state.errors, state.remaining, state.running) == (
+        GOOD, total - GOOD, 0, None
+    )  # fmt: skip
+    before = _snapshot(folder)
+    assert "_manifest.json" in before
+
+    with pytest.raises(jobs.OutputMismatchError, match="option max_new_tokens 256 then, 3 now"):
+        run_batch(job["input"], folder, options=GenerationOptions(max_new_tokens=3))
+    with pytest.raises(jobs.OutputMismatchError, match=r"model 'toy' then, 'other/model' now"):
+        run_batch(job["input"], folder, model="other/model")
+    argv = ["batch", "--ray", "--quiet", str(job["input"]), "-o", str(folder)]
+    assert cli_main([*argv, "--max-new-tokens", "3"]) == 2
+    assert "start over with --overwrite" in capsys.readouterr().err
+    assert _snapshot(folder) == before
+
+    with jobs.PartsOutput.open(folder, None):
+        with pytest.raises(jobs.OutputBusyError, match=f"process {os.getpid()} "):
+            run_batch(job["input"], folder)
+        assert cli_main(argv) == 1
+        assert "is being written by another job" in capsys.readouterr().err
+        assert jobs.status(folder).running == os.getpid()
+    assert _snapshot(folder) == before
+    assert cli_main(["batch-status", str(folder)]) == 0
+    assert f"remaining: 0 of {total} inputs\n" in capsys.readouterr().out
+
+
+# -- a cluster started with `ray start`, in another process, on loopback ------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    """Stop ``ray start --block`` and every process it started (its own process group):
+    SIGINT, then SIGKILL for what is left after 30 s."""
+    for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            process.poll()  # reap the leader: a zombie would keep the group alive
+            try:
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                process.wait(timeout=5)
+                return
+            time.sleep(0.2)
+    process.wait(timeout=5)
+
+
+def test_batch_ray_address_on_a_cluster_started_with_ray_start(
+    job: dict[str, Any], tmp_path: Path
+) -> None:
+    """The docs' cluster path: ``ray start --head`` (here in another process, on
+    loopback only), then ``idefics-kit batch --ray --ray-address HOST:PORT``.
+
+    On Linux Ray replaces a loopback ``--node-ip-address`` with the machine's
+    routable address (``resolve_ip_for_localhost``), unless clusters are
+    declared single-machine with ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``: then
+    the node is 127.0.0.1 and the GCS listens on 127.0.0.1 only. Ray 2.60 turns
+    on token authentication for a cluster that ``ray start`` creates, so head
+    and driver share a token (``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN``).
+    """
+    port = _free_port()
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    temp_dir = Path(tempfile.mkdtemp(prefix="ik-ray-"))  # short: Ray's socket paths
+    log = tmp_path / "head.log"
+    ray_cli = str(Path(sys.executable).with_name("ray"))
+    with open(log, "wb") as sink:
+        head = subprocess.Popen(
+            [
+                ray_cli, "start", "--head", "--block", f"--port={port}",
+                "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                "--disable-usage-stats", "--num-cpus=4", "--object-store-memory=200000000",
+                f"--temp-dir={temp_dir}",
+            ],
+            env=environment,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        while b"Ray runtime started" not in log.read_bytes():
+            assert head.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        assert b"Local node IP: 127.0.0.1" in log.read_bytes()
+        rows = [row for row in job["rows"][:8] if row["id"].startswith("g")][:4]
+        input_path = _write_jsonl(tmp_path / "in.jsonl", rows)
+        output = tmp_path / "out"
+        command = [
+            sys.executable, "-m", "idefics_kit", "batch", "--ray",
+            "--ray-address", f"127.0.0.1:{port}", "--actors", "1", "--cpus-per-actor", "1",
+            str(input_path), "-o", str(output),
+        ]  # fmt: skip
+        done = subprocess.run(
+            command, env=environment, capture_output=True, text=True, timeout=180, cwd=ROOT
+        )
+        assert done.returncode == 0, done.stderr
+        assert "Connected to Ray cluster" in done.stderr or "wrote 4 rows" in done.stderr
+        assert re.search(r"wrote 4 rows to \S+ in [\d.]+ s: 4 done, 0 with an error", done.stderr)
+        got = _by_key(_part_rows(output))
+        assert got == {row["id"]: job["local"][row["id"]] for row in rows}
+    finally:
+        _stop(head)
+        shutil.rmtree(temp_dir, ignore_errors=True)
