@@ -8,13 +8,16 @@ Every error the SDK raises on purpose is an :class:`IdeficsKitError`, so one
     │   ├── InvalidParameterError   an option out of range or of the wrong type (also ValueError)
     │   ├── ConversationError       a conversation the model cannot take (also ValueError)
     │   ├── ImageLoadError          an image source that cannot be read or decoded
-    │   └── GeneratorClosedError    the Generator was closed (before or while the call waited)
+    │   ├── GeneratorClosedError    the Generator was closed (before or while the call waited)
+    │   ├── jobs.RecordError        a batch input line that is not a valid record
+    │   └── jobs.OutputMismatchError  a batch output written with other settings
     └── RuntimeFailure              the environment failed (fix the setup, not the call)
         ├── ModelLoadError          not a loadable IDEFICS-family checkpoint
         ├── DeviceError             a device or dtype that is not available here
         ├── GenerationError         the model failed while generating
         ├── OverloadedError         the request queue is full; retry later
         ├── EngineFailedError       the model's worker stopped after repeated failures
+        ├── jobs.OutputBusyError    another live process is writing that batch output
         └── RequestTimeoutError     the call's ``timeout`` passed (also TimeoutError)
 
 Misuse errors (``UsageError``) are raised before any model work, so a batch
