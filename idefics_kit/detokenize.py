@@ -36,8 +36,8 @@ and any ``n >= r``::
 detokenizer keeps ``decode(ids[:r])`` for the last clean ``r`` as *stable*
 text, which no later token changes, and decodes ``ids[p:n]`` with ``p`` the
 clean boundary before ``r``: one or two tokens of context plus the new ones.
-For byte-level decoders, a character split across tokens is tracked by
-Python's incremental UTF-8 decoder (the same maximal-subpart rule) and the
+For byte-level decoders, a character split across tokens is tracked by a
+small UTF-8 decoder with the same maximal-subpart rule, and the
 window starts at the token holding its first byte, so the window stays
 within a few tokens even when no token boundary is clean for a long stretch.
 Each window is checked against these rules as it is decoded; a tokenizer
@@ -47,7 +47,6 @@ decoding the whole answer, which is always exact.
 
 from __future__ import annotations
 
-import codecs
 import json
 import re
 import threading
@@ -107,6 +106,67 @@ class _Text:
             self._chunks = ["".join(self._chunks)]
             self._ends = [self._ends[-1]]
         return self._chunks[0] if self._chunks else ""
+
+
+class _Utf8:
+    """UTF-8 decoding with U+FFFD for each maximal invalid subpart, as Rust's from_utf8_lossy.
+
+    Incremental: :meth:`decode` returns the characters that are complete and
+    keeps an open character's bytes in :attr:`pending`. (Python's own
+    incremental decoder keeps b"\\xed\\xb4" pending, where Rust has already
+    made two U+FFFD of it.)
+    """
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = b""
+
+    def decode(self, data: bytes) -> str:
+        out: list[str] = []
+        pending = self.pending
+        for byte in data:
+            if pending:
+                low, high = _second_byte(pending[0]) if len(pending) == 1 else (0x80, 0xBF)
+                if low <= byte <= high:
+                    pending += bytes((byte,))
+                    if len(pending) == _width(pending[0]):
+                        out.append(pending.decode("utf-8"))
+                        pending = b""
+                    continue
+                out.append(_REPLACEMENT)
+                pending = b""
+            if byte < 0x80:
+                out.append(chr(byte))
+            elif _width(byte):
+                pending = bytes((byte,))
+            else:
+                out.append(_REPLACEMENT)
+        self.pending = pending
+        return "".join(out)
+
+
+def _width(lead: int) -> int:
+    if 0xC2 <= lead <= 0xDF:
+        return 2
+    if 0xE0 <= lead <= 0xEF:
+        return 3
+    if 0xF0 <= lead <= 0xF4:
+        return 4
+    return 0
+
+
+def _second_byte(lead: int) -> tuple[int, int]:
+    # No overlong forms, no surrogates, nothing past U+10FFFF.
+    return {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}.get(
+        lead, (0x80, 0xBF)
+    )
+
+
+def _lossy(data: bytes) -> str:
+    decoder = _Utf8()
+    text = decoder.decode(data)
+    return text + _REPLACEMENT if decoder.pending else text
 
 
 class _Plan:
@@ -283,7 +343,7 @@ class IncrementalDetokenizer:
         self._context_text = ""
         self._open: list[int] = []
         self._open_skip = b""
-        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace")
+        self._utf8 = _Utf8()
         self._unstable: str | None = ""
 
     @property
@@ -369,10 +429,10 @@ class IncrementalDetokenizer:
         plan = self._plan
         data = b"".join(plan.token_bytes(t) for t in new)
         expected = self._utf8.decode(data)
-        pending = self._utf8.getstate()[0]
+        pending = self._utf8.pending
         self._open.extend(new)
         window = self._adapter.decode(self._open)
-        skip = self._open_skip.decode("utf-8", errors="replace")
+        skip = _lossy(self._open_skip)
         if not window.startswith(skip):
             self._unstable = self._fall_back()
             return
