@@ -27,15 +27,20 @@ Every decoder the IDEFICS checkpoints use is *local*: its text splits at
   concatenated, decoded as UTF-8 with U+FFFD for each maximal invalid
   subpart. A byte offset is clean where no character is left open.
 
-For such a decoder, with ``r`` clean and ``p < r`` clean (or ``p == r == 0``)
-and any ``n >= r``::
+For the token-wise decoders, with ``r`` clean and ``n >= r``, the text of
+``ids[r:n]`` does not depend on what comes before it, as long as something
+does: for any non-empty list of tokens ``context`` whose last token is not a
+byte piece::
 
-    decode(ids[:n]) == decode(ids[:r]) + decode(ids[p:n])[len(decode(ids[p:r])):]
+    decode(ids[:n]) == decode(ids[:r]) + decode(context + ids[r:n])[len(decode(context)):]
 
-(the non-empty context ``ids[p:r]`` absorbs the first-token rules). The
-detokenizer keeps ``decode(ids[:r])`` for the last clean ``r`` as *stable*
-text, which no later token changes, and decodes ``ids[p:n]`` with ``p`` the
-clean boundary before ``r``: one or two tokens of context plus the new ones.
+(the context takes the first-token rules: the dropped ``▁``, the stripped
+space). The detokenizer keeps ``decode(ids[:r])`` for the last clean ``r`` as
+*stable* text, which no later token changes, and decodes a window of the
+token before ``r`` (as context, its text cached per token) and the tokens
+after it: two tokens per step in the common case, or a whole byte-fallback
+run once it ends (a run decodes as one). The ids before ``r`` are never
+decoded again.
 For byte-level decoders, a character split across tokens is tracked by a
 small UTF-8 decoder with the same maximal-subpart rule, and the
 window starts at the token holding its first byte, so the window stays
@@ -336,8 +341,8 @@ class IncrementalDetokenizer:
         self._ids: list[int] = []
         self._stable = _Text()
         self._replacements = 0
-        # pieces/whole: the window's context (stable, ids[p:r]) and its text,
-        # then the ids not yet stable (ids[r:n]). bytes: the ids not yet stable,
+        # pieces/whole: the window's context (the last stable id) and its
+        # text, then the ids not yet stable (ids[r:n]). bytes: the ids not yet stable,
         # and how many bytes of the first one are already stable text.
         self._context: list[int] = []
         self._context_text = ""
@@ -410,16 +415,10 @@ class IncrementalDetokenizer:
             self._unstable = tail
             return
         self._append_stable(tail)
-        ids = self._context + self._open
-        # The new context: from the last clean boundary before the end.
-        start = len(ids) - 1
-        while start > 0 and self._plan.byte_runs and self._plan.is_byte_piece(ids[start - 1]):
-            start -= 1
-        self._context = ids[start:]
-        if len(self._context) == 1:
-            self._context_text = self._plan.alone(self._context[0], self._adapter.decode)
-        else:
-            self._context_text = self._adapter.decode(self._context)
+        # The next context: the last token, not a byte piece (the end is clean).
+        last = self._open[-1]
+        self._context = [last]
+        self._context_text = self._plan.alone(last, self._adapter.decode)
         self._open = []
         self._unstable = ""
 
