@@ -86,10 +86,13 @@ def token_pool(adapter: FamilyAdapter) -> dict[str, list[int]]:
 def token_runs(draw: st.DrawFn, pool: dict[str, list[int]]) -> list[int]:
     ids: list[int] = []
     for _ in range(draw(st.integers(0, 12))):
-        kind = draw(st.sampled_from(["special", "bytes", "text", "text", "any", "any"]))
+        kind = draw(st.sampled_from(["special", "bytes", "mixed", "text", "text", "any"]))
         if kind == "text":  # a stretch of real text, cut anywhere
             start = draw(st.integers(0, len(pool["text"]) - 1))
             ids += pool["text"][start : start + draw(st.integers(1, 12))]
+        elif kind == "mixed":  # byte pieces with special tokens among them
+            both = pool["bytes"] + pool["special"]
+            ids += draw(st.lists(st.sampled_from(both), min_size=1, max_size=6))
         else:
             ids += draw(st.lists(st.sampled_from(pool[kind]), min_size=1, max_size=4))
     return ids
@@ -197,6 +200,35 @@ def test_text_decoder_matches_on_split_characters_and_held_stops(
                 assert "".join(pieces) + new.rest(adapter.decode(ids)) == adapter.decode(ids)
 
 
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        # A run of byte pieces that special tokens interrupt: decode skips the
+        # specials, so the run goes on; the old decoder emitted what the
+        # unfinished run decoded to, and so must the new one.
+        ["<0x41>", "<s>", "<0x42>", "<unk>", "▁dog"],
+        ["<0xE2>", "<s>", "<0x82>", "<s>", "<0xAC>", "▁dog", "<0xE2>", "<s>", "▁"],
+        # "A" is emitted, then the run turns into U+FFFD U+FFFD: the text no
+        # longer starts with what was emitted, and nothing more is emitted.
+        ["<0x41>", "<s>", "<0x80>", "▁dog", "▁the", "<0x41>", "<s>", "▁"],
+        ["▁", "<0x41>", "<s>", "<0x80>", "<s>", "▁dog"],
+    ],
+)
+@pytest.mark.parametrize("stop", [(), ("og",), ("A\ufffd",)])
+def test_text_decoder_on_byte_runs_interrupted_by_special_tokens(
+    pieces: list[str], stop: tuple[str, ...], adapters: dict[str, FamilyAdapter]
+) -> None:
+    adapter = adapters["byte-fallback"]
+    ids = adapter.tokenizer.convert_tokens_to_ids(pieces)
+    assert adapter.tokenizer.convert_ids_to_tokens(ids) == pieces
+    for size in (1, 2, 3):
+        options = GenerationOptions(max_new_tokens=len(ids), stop=stop)
+        old, new = ReferenceTextDecoder(adapter, options), TextDecoder(adapter, options)
+        for chunk in chunks(ids, [size]):
+            assert new.feed(chunk) == old.feed(chunk), (size, chunk)
+            assert (new.ended, new.emitted) == (old.ended, old.emitted)
+
+
 class CountingDecode:
     """Wraps ``adapter.decode``: counts the token ids it is given."""
 
@@ -268,17 +300,22 @@ def test_unknown_decoders_fall_back_to_whole_decodes(adapters: dict[str, FamilyA
     assert (new.ended, new.emitted) == (old.ended, old.emitted)
 
 
+@pytest.mark.parametrize("broken", ["context", "bytes"])
 def test_a_window_that_breaks_the_rules_falls_back_and_stays_exact(
-    adapters: dict[str, FamilyAdapter], monkeypatch: pytest.MonkeyPatch
+    broken: str, adapters: dict[str, FamilyAdapter], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Treat the byte-level tokenizer as if it were SentencePiece: a character
-    # split across tokens makes a window disagree with its context, and the
-    # detokenizer must notice, decode whole answers from then on, and say so.
+    # "context": treat the byte-level tokenizer as if it were SentencePiece, so
+    # that a character split across tokens makes a window disagree with its
+    # context. "bytes": read every token as the wrong bytes. The detokenizer
+    # must notice, decode whole answers from then on, and say so.
     from idefics_kit import detokenize
 
     adapter = adapters["idefics3"]
     plan = detokenize._Plan(adapter)
-    plan.strategy = "pieces"
+    if broken == "context":
+        plan.strategy = "pieces"
+    else:
+        monkeypatch.setattr(plan, "token_bytes", lambda _: b"?")
     monkeypatch.setattr(detokenize, "_plan_for", lambda _: plan)
     ids = token_pool(adapter)["text"]
     detokenizer = IncrementalDetokenizer(adapter)
@@ -292,6 +329,23 @@ def test_a_window_that_breaks_the_rules_falls_back_and_stays_exact(
     assert detokenizer.strategy == "whole"
     assert new._detokenizer.resets == 1
     assert (new.ended, new.emitted) == (old.ended, old.emitted)
+
+
+def test_added_plain_tokens_of_a_byte_level_tokenizer(checkpoints: dict[str, Path]) -> None:
+    # Non-special added tokens are spelled in plain text, not in the byte
+    # alphabet: decode reads the characters it can as bytes ("é" is byte
+    # 0xE9 there, half a character) and the others as UTF-8 (" café").
+    adapter = load_adapter(checkpoints["smolvlm"])
+    tokenizer = adapter.tokenizer
+    tokenizer.add_tokens(["café", " café", "<note>"])
+    words = tokenizer.convert_tokens_to_ids(["café", " café", "<note>"])
+    ids = [*words, *tokenizer(" ok é", add_special_tokens=False)["input_ids"], *words]
+    assert adapter.decode(words[:1]) == "caf\ufffd"
+    detokenizer = IncrementalDetokenizer(adapter)
+    for end, token in enumerate(ids, start=1):
+        detokenizer.feed([token])
+        assert detokenizer.text == adapter.decode(ids[:end])
+    assert detokenizer.resets == 0
 
 
 LLAMA2 = {
