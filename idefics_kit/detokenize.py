@@ -71,6 +71,8 @@ _REPLACEMENT = "\ufffd"
 # characters that Rust's u8::from_str_radix(_, 16) accepts + ">".
 _BYTE_PIECE = re.compile(r"<0x(?:\+[0-9A-Fa-f]|[0-9A-Fa-f]{2})>")
 
+_CHUNK = 256
+
 Strategy = Literal["pieces", "bytes", "whole"]
 """How a tokenizer's text is kept: token windows, byte windows, or whole decodes."""
 
@@ -78,24 +80,37 @@ Strategy = Literal["pieces", "bytes", "whole"]
 class _Text:
     """Append-only text stored in chunks: O(1) appends, slices without joining it all."""
 
-    __slots__ = ("_chunks", "_ends")
+    __slots__ = ("_chunks", "_ends", "length")
 
     def __init__(self) -> None:
         self._chunks: list[str] = []
         self._ends: list[int] = []
+        self.length = 0
 
     def __len__(self) -> int:
-        return self._ends[-1] if self._ends else 0
+        return self.length
 
     def append(self, text: str) -> None:
-        if text:
+        if not text:
+            return
+        self.length += len(text)
+        # Short chunks are joined (a bounded copy), so that the slices near
+        # the end, the ones a stream asks for, usually lie in one chunk.
+        if self._chunks and len(self._chunks[-1]) < _CHUNK:
+            self._chunks[-1] += text
+            self._ends[-1] = self.length
+        else:
             self._chunks.append(text)
-            self._ends.append(len(self) + len(text))
+            self._ends.append(self.length)
 
     def slice(self, start: int, stop: int) -> str:
         """``str(self)[start:stop]`` for ``0 <= start``, ``stop <= len(self)``."""
         if start >= stop:
             return ""
+        last = self._chunks[-1]
+        base = self.length - len(last)
+        if start >= base:
+            return last[start - base : stop - base]
         index = bisect_right(self._ends, start)
         offset = self._ends[index - 1] if index else 0
         parts: list[str] = []
@@ -354,11 +369,11 @@ class IncrementalDetokenizer:
     @property
     def stable(self) -> int:
         """The length of the text's prefix that no later token can change."""
-        return len(self._stable)
+        return self._stable.length
 
     def stable_slice(self, start: int, stop: int) -> str:
         """``text[start:stop]`` within the stable prefix."""
-        return self._stable.slice(start, min(stop, len(self._stable)))
+        return self._stable.slice(start, min(stop, self._stable.length))
 
     @property
     def trailing_replacements(self) -> int:
