@@ -41,13 +41,19 @@ token before ``r`` (as context, its text cached per token) and the tokens
 after it: two tokens per step in the common case, or a whole byte-fallback
 run once it ends (a run decodes as one). The ids before ``r`` are never
 decoded again.
-For byte-level decoders, a character split across tokens is tracked by a
-small UTF-8 decoder with the same maximal-subpart rule, and the
-window starts at the token holding its first byte, so the window stays
-within a few tokens even when no token boundary is clean for a long stretch.
-Each window is checked against these rules as it is decoded; a tokenizer
-whose decoder is not one of the above, or any failed check, falls back to
-decoding the whole answer, which is always exact.
+For ``ByteLevel``, the text of the bytes after a clean byte offset does not
+depend on the bytes before it, and a window may start inside a token: the
+stable text covers every complete character, a small UTF-8 decoder with
+Rust's maximal-subpart rule tracks the open one (at most three bytes, so at
+most three tokens), and the window is those tokens plus the new ones, less the
+text of their bytes before the open character.
+
+Each window is checked against these rules as it is decoded (the context's
+text is a prefix of the window's; the byte-level window is the UTF-8
+decoder's text). A tokenizer whose decoder is not one of the above, an
+adapter or tokenizer class that overrides ``decode``, or a failed check
+falls back to decoding the whole answer at every step, which is always exact
+(:attr:`IncrementalDetokenizer.resets` counts such fallbacks).
 """
 
 from __future__ import annotations
@@ -203,7 +209,6 @@ class _Plan:
         self._bytes: dict[int, bytes] = {}
         self._byte_piece: dict[int, bool] = {}
         self._alone: dict[int, str] = {}
-        self._adapter = weakref.ref(adapter)
         backend = _backend(adapter)
         if backend is None:
             return
