@@ -23,6 +23,8 @@ Every decoder the IDEFICS checkpoints use is *local*: its text splits at
   (Llama 2, Mistral: idefics-9b, idefics2-8b): runs of ``<0xNN>`` pieces
   decode as a whole (all U+FFFD if invalid), then the text loses one leading
   space. A boundary is clean unless the token before it is a byte piece.
+* No decoder (the toy model's word-level tokenizer): the tokens joined by
+  spaces. Every boundary is clean.
 * ``ByteLevel`` (Llama 3, SmolLM: IDEFICS 3, SmolVLM): the tokens' bytes,
   concatenated, decoded as UTF-8 with U+FFFD for each maximal invalid
   subpart. A byte offset is clean where no character is left open.
@@ -212,7 +214,8 @@ class _Plan:
         backend = _backend(adapter)
         if backend is None:
             return
-        strategy = _strategy(json.loads(backend.decoder.__getstate__()))
+        decoder = backend.decoder
+        strategy = _strategy(None if decoder is None else json.loads(decoder.__getstate__()))
         if strategy is None:
             return
         self.strategy, self.byte_runs = strategy
@@ -293,6 +296,8 @@ _REPLACE = {"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}
 
 def _strategy(decoder: Any) -> tuple[Strategy, bool] | None:
     """The strategy for a decoder (its JSON), and whether byte runs matter; None: unknown."""
+    if decoder is None:  # no decoder (the toy model's): the tokens joined by spaces
+        return "pieces", False
     if not isinstance(decoder, dict):
         return None
     kind = decoder.get("type")

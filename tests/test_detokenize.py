@@ -25,15 +25,17 @@ from idefics_kit.detokenize import IncrementalDetokenizer, TextDecoder, _lossy, 
 from idefics_kit.families import adapter_for
 from idefics_kit.families.base import FamilyAdapter
 from idefics_kit.options import GenerationOptions
+from idefics_kit.toy import checkpoint_path
 from tests._reference_decoder import ReferenceTextDecoder
 
-TOKENIZERS = ("idefics", "idefics2", "idefics3", "smolvlm", "byte-fallback")
+TOKENIZERS = ("idefics", "idefics2", "idefics3", "smolvlm", "byte-fallback", "toy")
 STRATEGIES = {
     "idefics": "pieces",
     "idefics2": "pieces",
     "idefics3": "bytes",
     "smolvlm": "bytes",
     "byte-fallback": "pieces",
+    "toy": "pieces",
 }
 PROPERTY = settings(
     max_examples=60,
@@ -64,6 +66,8 @@ def adapters(
         patch.setitem(testing._TOKENIZER_SPECS, "idefics2", spec)
         path = testing.build_tiny_checkpoint("idefics2", tmp_path_factory.mktemp("bf") / "bf")
     loaded["byte-fallback"] = load_adapter(path)
+    # The toy model's word-level tokenizer: no decoder (tokens joined by spaces).
+    loaded["toy"] = load_adapter(checkpoint_path())
     return loaded
 
 
@@ -380,7 +384,9 @@ LLAMA2 = {
         ({**LLAMA2, "decoders": [{**LLAMA2["decoders"][0], "content": ""}]}, None),
         ({"type": "WordPiece", "prefix": "##", "cleanup": True}, None),
         ({"type": "Sequence", "decoders": [{"type": "ByteLevel"}]}, None),
-        (None, None),
+        # No decoder: the tokens joined by spaces.
+        (None, ("pieces", False)),
+        ("Metaspace", None),
     ],
 )
 def test_decoder_strategies(decoder: Any, expected: object) -> None:
