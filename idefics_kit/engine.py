@@ -22,7 +22,7 @@ forward passes are those ``model.generate`` runs (same inputs, same position
 ids, ``logits_to_keep=1``), so a lone row gets ``generate``'s tokens.
 
 Results and streams share :func:`finish`, and a streaming row's
-:class:`TextDecoder` emits only prefixes of ``finish``'s text, so a stream's
+:class:`~idefics_kit.detokenize.TextDecoder` emits only prefixes of ``finish``'s text, so a stream's
 pieces always join to the final text.
 """
 
@@ -51,7 +51,7 @@ from idefics_kit.kv import BatchCache, joinable
 from idefics_kit.options import GenerationOptions
 from idefics_kit.results import FinishReason, Result, TokenLogprob, Usage
 
-__all__ = ["Engine", "Finished", "Row", "TextDecoder", "finish"]
+__all__ = ["Engine", "Finished", "Row", "finish"]
 
 # Rows are checked for stop strings on this many trailing tokens beyond the
 # longest stop string: enough for every token to add at least one character
@@ -448,65 +448,3 @@ def _token_logprob(
         logprob=logprob,
         top_logprobs=top,
     )
-
-
-class TextDecoder:
-    """Turns one row's token ids, as they arrive, into text pieces that are final.
-
-    A piece is held back only while it ends in an incomplete character, in a
-    run of byte-fallback pieces, or in what could be the start of a stop
-    string. The pieces, followed by
-    :meth:`rest` of the final result, join to exactly ``finish(...).text``.
-    """
-
-    def __init__(self, adapter: FamilyAdapter, options: GenerationOptions) -> None:
-        self.adapter = adapter
-        self.stop = options.stop
-        self.limit = options.max_new_tokens
-        self.stop_ids = set(adapter.stop_token_ids)
-        self.byte_ids = adapter.byte_token_ids
-        self.ids: list[int] = []
-        self.emitted = ""
-        self.ended = False
-
-    def feed(self, tokens: Sequence[int]) -> str:
-        """The new final text after ``tokens`` ("" when nothing new is final yet)."""
-        if self.ended:
-            return ""
-        for token in tokens:
-            if token in self.stop_ids or len(self.ids) >= self.limit:
-                self.ended = True
-                break
-            self.ids.append(token)
-        # A trailing run of byte-fallback pieces may still turn into other
-        # characters (or into U+FFFD as a whole): hold all of it back.
-        end = len(self.ids)
-        while end and self.ids[end - 1] in self.byte_ids:
-            end -= 1
-        safe = _safe_text(self.adapter.decode(self.ids[:end]), self.stop)
-        if safe is None:
-            self.ended = True
-            return ""
-        if len(safe) > len(self.emitted) and safe.startswith(self.emitted):
-            piece, self.emitted = safe[len(self.emitted) :], safe
-            return piece
-        return ""
-
-    def rest(self, final_text: str) -> str:
-        """What remains of ``final_text`` after the pieces already emitted."""
-        return final_text[len(self.emitted) :] if len(final_text) > len(self.emitted) else ""
-
-
-def _safe_text(text: str, stop: tuple[str, ...]) -> str | None:
-    """The part of ``text`` that can no longer change; None once a stop string matched."""
-    if stop and _find_stop(text, stop) is not None:
-        return None
-    # Byte-level tokenizers decode half a UTF-8 character as U+FFFD.
-    text = text.rstrip("\ufffd")
-    hold = 0
-    for s in stop:
-        for size in range(min(len(s) - 1, len(text)), hold, -1):
-            if text.endswith(s[:size]):
-                hold = size
-                break
-    return text[: len(text) - hold]

@@ -31,8 +31,8 @@ from idefics_kit import engine, loading, runner, scoring, structured
 from idefics_kit._vocab import logits_width, vocabulary
 from idefics_kit.batching import plan
 from idefics_kit.conversation import Conversation
+from idefics_kit.detokenize import TextDecoder
 from idefics_kit.devices import DeviceLike, DTypeLike
-from idefics_kit.engine import TextDecoder
 from idefics_kit.errors import (
     ConversationError,
     GenerationError,

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from idefics_kit.engine import TextDecoder
+from idefics_kit.detokenize import TextDecoder
 from idefics_kit.options import GenerationOptions
 from idefics_kit.requests import Outcome, Request, timeout_error
 from idefics_kit.results import Result
