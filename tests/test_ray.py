@@ -46,6 +46,8 @@ from idefics_kit.cli import main as cli_main  # noqa: E402
 from idefics_kit.ray import ROW_SCHEMA, Predictor, run_batch  # noqa: E402
 from idefics_kit.toy.scenes import QUESTIONS, draw_count_scene, draw_scene  # noqa: E402
 
+pytestmark = pytest.mark.slow  # minutes on 2 cores: outside the fast loop (-m 'not slow')
+
 ROOT = Path(__file__).resolve().parent.parent
 Row = dict[str, Any]
 GOOD = 200

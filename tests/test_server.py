@@ -1082,6 +1082,7 @@ def free_port() -> int:
         return port
 
 
+@pytest.mark.slow
 def test_sigterm_drains_then_exits_0(chatty_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -24,12 +24,15 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from PIL import Image
 
 from idefics_kit import Generator
 from idefics_kit.server import DEFAULT_MAX_IMAGE_PIXELS, create_app
 from idefics_kit.server.chat import DECODE_THREADS
 from tests.test_server import serving
+
+pytestmark = pytest.mark.slow  # minutes on 2 cores: outside the fast loop (-m 'not slow')
 
 REQUESTS = 6
 IMAGES = 8
