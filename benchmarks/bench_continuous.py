@@ -81,6 +81,7 @@ class Run:
         self.results: dict[int, Result] = {}
         self.latency: dict[int, float] = {}
         self.steps = 0
+        self.row_steps = 0
         self.lock = threading.Lock()
 
     def record(self, index: int, result: Result, started: float) -> None:
@@ -115,9 +116,11 @@ def measure(gen: Generator, family: str, sizes: Sizes, runs: int) -> dict[str, A
         def side() -> Run:
             gen.clear_vision_cache()
             run = Run()
-            before = gen.stats().steps
+            before = gen.stats()
             body(run)
-            run.steps = gen.stats().steps - before
+            after = gen.stats()
+            run.steps = after.steps - before.steps
+            run.row_steps = after.row_steps - before.row_steps
             own[name] = run
             return run
 
@@ -227,6 +230,7 @@ def measure(gen: Generator, family: str, sizes: Sizes, runs: int) -> dict[str, A
     }
 
     steps: dict[str, list[int]] = {name: [] for name in sides}
+    row_steps: dict[str, list[int]] = {name: [] for name in sides}
     short_latency: dict[str, list[float]] = {"open": [], "closed": [], "lone_short": []}
     long_latency: dict[str, list[float]] = {"open": [], "closed": []}
 
@@ -234,6 +238,7 @@ def measure(gen: Generator, family: str, sizes: Sizes, runs: int) -> dict[str, A
         def run() -> None:
             done = sides[name]()
             steps[name].append(done.steps)
+            row_steps[name].append(done.row_steps)
             if name in short_latency:
                 short_latency[name].append(
                     statistics.median(done.latency[i] for i in done.latency if not is_long(i))
@@ -291,6 +296,9 @@ def measure(gen: Generator, family: str, sizes: Sizes, runs: int) -> dict[str, A
         "ratios": {name: round(value, 3) for name, value in ratios.items()},
         "per_round": per_round,
         "steps": dict(steps),
+        "mean_rows_per_step": {
+            name: round(sum(row_steps[name]) / max(1, sum(steps[name])), 2) for name in sides
+        },
         "short_p50_s": {
             name: round(statistics.median(values), 4) for name, values in short_latency.items()
         },
@@ -376,7 +384,9 @@ def report(rows: list[dict[str, Any]], sizes: Sizes, runs: int, quick: bool) -> 
             f"{row['ratios']['short_during_streams_vs_streams_total']:.3f}; "
             f"differing token ids {row['differing_outputs']} of {row['checked_requests']}; "
             f"mean tokens short {row['generated']['short_mean_tokens']} long "
-            f"{row['generated']['long_mean_tokens']}; other processes "
+            f"{row['generated']['long_mean_tokens']}; mean rows per step open "
+            f"{row['mean_rows_per_step']['open']} oracle {row['mean_rows_per_step']['oracle']} "
+            f"closed {row['mean_rows_per_step']['closed']}; other processes "
             f"{row['foreign_cpu_share']:.0%} ({row['rejected_noisy_rounds']} rounds rerun)"
         )
     name = "continuous_quick" if quick else "continuous"
