@@ -324,6 +324,26 @@ def bench(root: Path, family: str, sizes: Sizes, runs: int) -> dict[str, Any]:
         gen.close()
 
 
+def verdict(row: dict[str, Any]) -> str:
+    """One family's targets, spread and checks, on one line."""
+    open_ok = "met" if row["ratios"]["open_vs_oracle"] <= TARGET_OPEN else "MISSED"
+    closed_ok = "met" if row["ratios"]["closed_short_p50_vs_lone"] <= TARGET_CLOSED else "MISSED"
+    return (
+        f"{row['family']}: open/oracle {row['ratios']['open_vs_oracle']:.2f} "
+        f"(target <= {TARGET_OPEN}: {open_ok}; rounds {row['per_round']['open_vs_oracle']}), "
+        f"closed short p50/lone {row['ratios']['closed_short_p50_vs_lone']:.2f} "
+        f"(target <= {TARGET_CLOSED}: {closed_ok}; rounds "
+        f"{row['per_round']['closed_short_p50_vs_lone']}), short in streams / streams "
+        f"{row['ratios']['short_during_streams_vs_streams_total']:.3f}; "
+        f"differing token ids {row['differing_outputs']} of {row['checked_requests']}; "
+        f"mean tokens short {row['generated']['short_mean_tokens']} long "
+        f"{row['generated']['long_mean_tokens']}; mean rows per step open "
+        f"{row['mean_rows_per_step']['open']} oracle {row['mean_rows_per_step']['oracle']} "
+        f"closed {row['mean_rows_per_step']['closed']}; other processes "
+        f"{row['foreign_cpu_share']:.0%} ({row['rejected_noisy_rounds']} rounds rerun)"
+    )
+
+
 def report(rows: list[dict[str, Any]], sizes: Sizes, runs: int, quick: bool) -> None:
     print(
         f"Continuous batching: {sizes.count} requests (3/4 max_new_tokens={sizes.short}, "
@@ -371,24 +391,7 @@ def report(rows: list[dict[str, Any]], sizes: Sizes, runs: int, quick: bool) -> 
     )
     print()
     for row in rows:
-        open_ok = "met" if row["ratios"]["open_vs_oracle"] <= TARGET_OPEN else "MISSED"
-        closed_ok = (
-            "met" if row["ratios"]["closed_short_p50_vs_lone"] <= TARGET_CLOSED else "MISSED"
-        )
-        print(
-            f"{row['family']}: open/oracle {row['ratios']['open_vs_oracle']:.2f} "
-            f"(target <= {TARGET_OPEN}: {open_ok}; rounds {row['per_round']['open_vs_oracle']}), "
-            f"closed short p50/lone {row['ratios']['closed_short_p50_vs_lone']:.2f} "
-            f"(target <= {TARGET_CLOSED}: {closed_ok}; rounds "
-            f"{row['per_round']['closed_short_p50_vs_lone']}), short in streams / streams "
-            f"{row['ratios']['short_during_streams_vs_streams_total']:.3f}; "
-            f"differing token ids {row['differing_outputs']} of {row['checked_requests']}; "
-            f"mean tokens short {row['generated']['short_mean_tokens']} long "
-            f"{row['generated']['long_mean_tokens']}; mean rows per step open "
-            f"{row['mean_rows_per_step']['open']} oracle {row['mean_rows_per_step']['oracle']} "
-            f"closed {row['mean_rows_per_step']['closed']}; other processes "
-            f"{row['foreign_cpu_share']:.0%} ({row['rejected_noisy_rounds']} rounds rerun)"
-        )
+        print(verdict(row))
     name = "continuous_quick" if quick else "continuous"
     path = _common.write_results(
         name,
@@ -425,7 +428,7 @@ def main() -> None:
         for family in families:
             started = time.perf_counter()
             rows.append(bench(Path(tmp), family, sizes, runs))
-            print(f"{family}: {time.perf_counter() - started:.0f} s", flush=True)
+            print(f"({time.perf_counter() - started:.0f} s) {verdict(rows[-1])}", flush=True)
     report(rows, sizes, runs, args.quick)
 
 
