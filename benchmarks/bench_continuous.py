@@ -28,6 +28,12 @@ Before timing, the token ids of every concurrent side are compared with
 lone calls for a sample of the requests (the first ``SAMPLE``, whose long
 ones are also streams). Decode steps are ``gen.stats().steps`` differences.
 
+The default sizes are the issue's (64 requests, ``max_batch_size=16``, 8 and
+128 new tokens, 16 callers, 8 streams), 2 interleaved rounds: 26 minutes for
+the four families on the shared 2-core VM (IDEFICS 1 the slowest); every
+round is kept and the foreign CPU share is reported. ``--quick`` (idefics3,
+8 requests, batches of 4, 24 long tokens, 1 round) is a smoke run.
+
     .venv/bin/python benchmarks/bench_continuous.py [--quick] [--runs N] [--families f1,f2]
 """
 
