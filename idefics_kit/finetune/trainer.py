@@ -38,10 +38,11 @@ from idefics_kit import loading
 from idefics_kit.devices import DeviceLike, DTypeLike, resolve_device
 from idefics_kit.errors import InvalidParameterError, TrainingDataError, TrainingError
 from idefics_kit.finetune.collator import TrainingCollator
+from idefics_kit.finetune.defaults import DEFAULTS
 from idefics_kit.finetune.data import BadRow, Row, RowSource, check_rows, fingerprint, read_rows
 from idefics_kit.finetune.labels import IGNORE_INDEX, Encoder, answer_text
 
-__all__ = ["DEFAULTS", "FinetuneResult", "OutputKind", "finetune"]
+__all__ = ["FinetuneResult", "OutputKind", "causal_loss", "finetune"]
 
 OutputKind = Literal["adapter", "merged", "full"]
 Quantize = Literal["4bit"]
@@ -49,26 +50,6 @@ Quantize = Literal["4bit"]
 RECORD = "finetune.json"
 LOG = "log.jsonl"
 CHECKPOINTS = "checkpoints"
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class _Defaults:
-    epochs: float = 3.0
-    learning_rate_lora: float = 2e-4
-    learning_rate_full: float = 1e-5
-    small_model_parameters: int = 100_000_000
-    """Below this many parameters (the toy and tiny test models) the rates are 15x / 100x."""
-    learning_rate_lora_small: float = 3e-3
-    learning_rate_full_small: float = 1e-3
-    batch_size: int = 8
-    gradient_accumulation: int = 1
-    lora_rank: int = 16
-    save_steps: int = 100
-    seed: int = 0
-
-
-DEFAULTS = _Defaults()
-"""The defaults of :func:`finetune` and the CLI (tuned so the toy example learns in minutes)."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -126,6 +107,7 @@ def finetune(
     max_length: int | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    callbacks: Sequence[Any] = (),
 ) -> FinetuneResult:
     """Fine-tune ``model`` on the assistant turns of ``train``; write the result to ``output``.
 
@@ -145,6 +127,7 @@ def finetune(
     with other settings or data is refused. Bad rows are reported through
     ``log`` (default: stderr), one line each, and left out; with ``strict``
     any bad row raises :class:`~idefics_kit.TrainingDataError`.
+    ``callbacks`` are extra ``transformers.TrainerCallback`` objects.
     """
     say = log or _stderr
     _positive("epochs", epochs, float)
@@ -244,6 +227,10 @@ def finetune(
     if record is None:
         _start_output(out)
     _write_record(out, {"settings": settings, "data": data, "complete": False})
+    from transformers import set_seed
+
+    # Seeded before the adapters exist: their initial weights are part of the run.
+    set_seed(seed)
     trainable = _make_trainable(loaded, full=full, train_vision=train_vision, rank=lora_rank)
     if gradient_checkpointing:
         trainable.gradient_checkpointing_enable(
@@ -270,6 +257,7 @@ def finetune(
         save_steps=save_steps,
         progress=progress,
         say=say,
+        callbacks=callbacks,
     )
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -472,10 +460,13 @@ def _build_trainer(
     save_steps: int,
     progress: bool,
     say: Callable[[str], None],
+    callbacks: Sequence[Any],
 ) -> Any:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     cuda = target.type == "cuda"
+    per_epoch = math.ceil(math.ceil(len(train_rows) / batch_size) / gradient_accumulation)
+    total = max_steps if max_steps is not None else math.ceil(per_epoch * epochs)
     arguments = TrainingArguments(
         output_dir=str(out / CHECKPOINTS),
         num_train_epochs=epochs,
@@ -490,7 +481,8 @@ def _build_trainer(
         bf16=cuda and torch.cuda.is_bf16_supported(),
         use_cpu=target.type == "cpu",
         logging_strategy="steps",
-        logging_steps=10,
+        # About 20 loss lines a run, at least every 10 steps.
+        logging_steps=max(1, min(10, total // 20)),
         logging_first_step=True,
         eval_strategy="epoch" if eval_rows else "no",
         eval_on_start=bool(eval_rows),
@@ -542,9 +534,14 @@ def _build_trainer(
         eval_dataset=_Examples(eval_rows, encoder) if eval_rows else None,
         data_collator=TrainingCollator(pad_token_id=pad),
         compute_loss_func=causal_loss,
-        callbacks=[LogFile()],
+        callbacks=[LogFile(), *callbacks],
     )
     trainer.evaluations = []
+    if not progress:
+        # Without the progress bar, Trainer prints every log dict instead: quiet means quiet.
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     return trainer
 
 
