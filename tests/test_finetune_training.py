@@ -82,7 +82,8 @@ def test_training_lowers_eval_loss_and_the_adapter_reloads_exactly(
     # Random tiny models with a frozen output layer learn slowly under LoRA
     # (tests/test_finetune_toy.py measures real learning); still, clearly.
     assert losses[-1] < losses[0] - 0.1, losses
-    assert result.kind == "adapter" and result.steps == 12
+    assert result.kind == "adapter"
+    assert result.steps == 12
     assert (out / "adapter_model.safetensors").is_file()
     assert not any(p.suffix in (".bin", ".pt", ".pth") for p in out.iterdir())
     assert not (out / "checkpoints").exists()
@@ -159,7 +160,8 @@ def test_rerun_after_a_kill_continues_from_the_last_checkpoint(
     b.close()
     # Rerunning a finished run trains nothing; other settings are refused.
     again = finetune(checkpoints["smolvlm"], data, tmp_path / "k", **settings)
-    assert again.already_complete and again.steps == 8
+    assert again.already_complete
+    assert again.steps == 8
     with pytest.raises(TrainingDataError, match=r"other settings or data \(different: seed\)"):
         finetune(checkpoints["smolvlm"], data, tmp_path / "k", **{**settings, "seed": 6})
 
@@ -220,7 +222,8 @@ def test_bad_rows_are_reported_and_left_out(checkpoints: dict[str, Path], tmp_pa
     assert "broken.png" in bad[3]
     assert "at most 200 fit" in bad[4]
     assert "left out 5 of 7 training row(s)" in lines
-    assert result.train_rows == 2 and len(result.left_out) == 5
+    assert result.train_rows == 2
+    assert len(result.left_out) == 5
 
     with pytest.raises(TrainingDataError, match=r"5 bad row\(s\) .* first: train.jsonl line 2"):
         finetune(
@@ -239,7 +242,7 @@ def test_wrong_settings_are_refused_before_loading(tmp_path: Path) -> None:
         finetune("toy", rows(2, 1), tmp_path / "x", batch_size=0)
     with pytest.raises(InvalidParameterError, match="merge applies to LoRA adapters"):
         finetune("toy", rows(2, 1), tmp_path / "x", full=True, merge=True)
-    with pytest.raises(TrainingError, match="QLoRA .* needs a CUDA GPU"):
+    with pytest.raises(TrainingError, match=r"QLoRA .* needs a CUDA GPU"):
         finetune("toy", rows(2, 1), tmp_path / "x", quantize="4bit", device="cpu")
     folder = tmp_path / "mine"
     folder.mkdir()
@@ -258,4 +261,5 @@ def test_image_part_rows_from_files_train(tmp_path: Path) -> None:
     )
     train = write_jsonl(tmp_path / "t.jsonl", [{"id": "a", "messages": conv.to_messages()}])
     result = finetune("toy", train, tmp_path / "o", max_steps=2, **quiet())
-    assert result.train_rows == 1 and result.steps == 2
+    assert result.train_rows == 1
+    assert result.steps == 2

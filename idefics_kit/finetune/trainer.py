@@ -38,8 +38,8 @@ from idefics_kit import loading
 from idefics_kit.devices import DeviceLike, DTypeLike, resolve_device
 from idefics_kit.errors import InvalidParameterError, TrainingDataError, TrainingError
 from idefics_kit.finetune.collator import TrainingCollator
-from idefics_kit.finetune.defaults import DEFAULTS
 from idefics_kit.finetune.data import BadRow, Row, RowSource, check_rows, fingerprint, read_rows
+from idefics_kit.finetune.defaults import DEFAULTS
 from idefics_kit.finetune.labels import IGNORE_INDEX, Encoder, answer_text
 
 __all__ = ["FinetuneResult", "OutputKind", "causal_loss", "finetune"]
