@@ -21,6 +21,8 @@ from idefics_kit.errors import (
     OverloadedError,
     RequestTimeoutError,
     RuntimeFailure,
+    TrainingDataError,
+    TrainingError,
     UsageError,
 )
 from idefics_kit.family import Family
@@ -60,6 +62,8 @@ __all__ = [
     "TextPart",
     "TextStream",
     "TokenLogprob",
+    "TrainingDataError",
+    "TrainingError",
     "Turn",
     "Usage",
     "UsageError",

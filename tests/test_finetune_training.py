@@ -263,3 +263,25 @@ def test_image_part_rows_from_files_train(tmp_path: Path) -> None:
     result = finetune("toy", train, tmp_path / "o", max_steps=2, **quiet())
     assert result.train_rows == 1
     assert result.steps == 2
+
+
+def test_adapter_folders_that_cannot_load_say_why(tmp_path: Path) -> None:
+    from idefics_kit import ModelLoadError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ModelLoadError, match="no LoRA adapter at .*adapter_config.json"):
+        Generator.from_pretrained("toy", adapter=empty)
+    nameless = tmp_path / "nameless"
+    nameless.mkdir()
+    (nameless / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    with pytest.raises(ModelLoadError, match="does not record its base model"):
+        Generator.from_pretrained(nameless)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "base_model_name_or_path": "toy"})
+    )
+    (pickled / "adapter_model.bin").write_bytes(b"\x80")
+    with pytest.raises(ModelLoadError, match="has no adapter_model.safetensors; pickled"):
+        Generator.from_pretrained(pickled)
