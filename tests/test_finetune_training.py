@@ -270,7 +270,7 @@ def test_adapter_folders_that_cannot_load_say_why(tmp_path: Path) -> None:
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(ModelLoadError, match="no LoRA adapter at .*adapter_config.json"):
+    with pytest.raises(ModelLoadError, match=r"no LoRA adapter at .*adapter_config.json"):
         Generator.from_pretrained("toy", adapter=empty)
     nameless = tmp_path / "nameless"
     nameless.mkdir()
@@ -283,5 +283,5 @@ def test_adapter_folders_that_cannot_load_say_why(tmp_path: Path) -> None:
         json.dumps({"peft_type": "LORA", "base_model_name_or_path": "toy"})
     )
     (pickled / "adapter_model.bin").write_bytes(b"\x80")
-    with pytest.raises(ModelLoadError, match="has no adapter_model.safetensors; pickled"):
+    with pytest.raises(ModelLoadError, match=r"has no adapter_model.safetensors; pickled"):
         Generator.from_pretrained(pickled)
