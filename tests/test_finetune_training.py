@@ -285,3 +285,30 @@ def test_adapter_folders_that_cannot_load_say_why(tmp_path: Path) -> None:
     (pickled / "adapter_model.bin").write_bytes(b"\x80")
     with pytest.raises(ModelLoadError, match=r"has no adapter_model.safetensors; pickled"):
         Generator.from_pretrained(pickled)
+
+
+def test_train_vision_adds_the_vision_encoder(checkpoints: dict[str, Path], tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    def adapted(out: Path) -> set[str]:
+        with safe_open(str(out / "adapter_model.safetensors"), "pt") as file:
+            return {key.split(".")[3] for key in file.keys()}  # base_model.model.model.<part>
+
+    settings = quiet(batch_size=2, max_steps=1)
+    finetune(checkpoints["idefics2"], rows(2, 1), tmp_path / "text", **settings)
+    finetune(checkpoints["idefics2"], rows(2, 1), tmp_path / "both", train_vision=True, **settings)
+    assert adapted(tmp_path / "text") == {"text_model"}
+    assert adapted(tmp_path / "both") == {"text_model", "vision_model", "connector"}
+
+    base = Generator.from_pretrained(checkpoints["idefics3"])
+    finetune(checkpoints["idefics3"], rows(2, 1), tmp_path / "full", full=True, **settings)
+    tuned = Generator.from_pretrained(tmp_path / "full")
+    changed = {
+        name.split(".")[1]
+        for name, tensor in tuned.model.state_dict().items()
+        if not torch.equal(tensor, base.model.state_dict()[name])
+    }
+    assert "text_model" in changed
+    assert "vision_model" not in changed
+    base.close()
+    tuned.close()
