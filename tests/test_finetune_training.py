@@ -292,7 +292,7 @@ def test_train_vision_adds_the_vision_encoder(checkpoints: dict[str, Path], tmp_
 
     def adapted(out: Path) -> set[str]:
         with safe_open(str(out / "adapter_model.safetensors"), "pt") as file:
-            return {key.split(".")[3] for key in file.keys()}  # base_model.model.model.<part>
+            return {key.split(".")[3] for key in file.keys()}  # base_model.model.model.<part>  # noqa: SIM118 - safe_open is not iterable
 
     settings = quiet(batch_size=2, max_steps=1)
     finetune(checkpoints["idefics2"], rows(2, 1), tmp_path / "text", **settings)
