@@ -142,8 +142,16 @@ def test_rerun_after_a_kill_continues_from_the_last_checkpoint(
     with pytest.raises(KeyboardInterrupt):
         finetune(checkpoints["smolvlm"], data, tmp_path / "k", callbacks=[_Kill(5)], **settings)
     assert sorted(p.name for p in (tmp_path / "k" / "checkpoints").iterdir()) == ["checkpoint-3"]
-    resumed = finetune(checkpoints["smolvlm"], data, tmp_path / "k", **settings)
+    # A checkpoint the kill interrupted while it was being written (no trainer_state.json).
+    partial = tmp_path / "k" / "checkpoints" / "checkpoint-6"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"")
+    lines: list[str] = []
+    resumed = finetune(
+        checkpoints["smolvlm"], data, tmp_path / "k", **{**settings, "log": lines.append}
+    )
     assert resumed.resumed_from_step == 3
+    assert "removing the incomplete checkpoint checkpoint-6" in " ".join(lines)
     assert resumed.steps == 8
     log = [json.loads(line) for line in (tmp_path / "k" / "log.jsonl").read_text().splitlines()]
     steps = [entry["step"] for entry in log if "loss" in entry]

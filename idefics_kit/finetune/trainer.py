@@ -259,10 +259,8 @@ def finetune(
         say=say,
         callbacks=callbacks,
     )
-    from transformers.trainer_utils import get_last_checkpoint
-
     checkpoints = out / CHECKPOINTS
-    last = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last = _last_complete_checkpoint(checkpoints, say)
     resumed = int(last.rsplit("-", 1)[1]) if last else None
     if last:
         say(f"resuming from {last} (step {resumed})")
@@ -594,6 +592,27 @@ def _exact_matches(model: Any, encoder: Encoder, rows: Sequence[Row], batch_size
 
 
 # -- output folder -----------------------------------------------------------------------------
+
+
+def _last_complete_checkpoint(folder: Path, say: Callable[[str], None]) -> str | None:
+    """The newest checkpoint that was completely written; incomplete ones are removed.
+
+    Trainer writes ``trainer_state.json`` last, so a checkpoint without it was
+    being written when the run was killed: resuming from it would fail.
+    """
+    if not folder.is_dir():
+        return None
+    found: list[tuple[int, Path]] = []
+    for path in folder.iterdir():
+        name, _, step = path.name.partition("-")
+        if name == "checkpoint" and step.isdigit() and path.is_dir():
+            found.append((int(step), path))
+    for _step, path in sorted(found, reverse=True):
+        if (path / "trainer_state.json").is_file():
+            return str(path)
+        say(f"removing the incomplete checkpoint {path.name} (the run was killed while saving it)")
+        shutil.rmtree(path)
+    return None
 
 
 def _read_record(out: Path) -> dict[str, Any] | None:
