@@ -134,10 +134,11 @@ class _Kill(TrainerCallback):  # type: ignore[misc]
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 def test_rerun_after_a_kill_continues_from_the_last_checkpoint(
     checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:
-    settings = quiet(batch_size=2, max_steps=8, save_steps=3, seed=5, full=True)
+    settings = quiet(batch_size=2, max_steps=8, save_steps=3, seed=5, full=True, eval=rows(2, 50))
     data = rows(8, seed=1)
     with pytest.raises(KeyboardInterrupt):
         finetune(checkpoints["smolvlm"], data, tmp_path / "k", callbacks=[_Kill(5)], **settings)
@@ -153,6 +154,9 @@ def test_rerun_after_a_kill_continues_from_the_last_checkpoint(
     assert resumed.resumed_from_step == 3
     assert "removing the incomplete checkpoint checkpoint-6" in " ".join(lines)
     assert resumed.steps == 8
+    # Epoch 0's evaluation came from the first run; epoch 1's (step 4, after the step-3
+    # checkpoint) was redone.
+    assert [e["epoch"] for e in resumed.evaluations] == [0.0, 1.0, 2.0]
     log = [json.loads(line) for line in (tmp_path / "k" / "log.jsonl").read_text().splitlines()]
     steps = [entry["step"] for entry in log if "loss" in entry]
     # The first run logged steps 1-4 (killed in step 5); the second redid 4 and 5, not 1-3.

@@ -226,7 +226,8 @@ def finetune(
 
     if record is None:
         _start_output(out)
-    _write_record(out, {"settings": settings, "data": data, "complete": False})
+    if record is None or not (out / CHECKPOINTS).is_dir():
+        _write_record(out, {"settings": settings, "data": data, "complete": False})
     from transformers import set_seed
 
     # Seeded before the adapters exist: their initial weights are part of the run.
@@ -241,6 +242,15 @@ def finetune(
         f"({kind}) on {len(train_rows)} row(s)"
         + (f", evaluating on {len(eval_rows)}" if eval_rows else "")
     )
+    checkpoints = out / CHECKPOINTS
+    last = _last_complete_checkpoint(checkpoints, say)
+    resumed = int(last.rsplit("-", 1)[1]) if last else None
+    running = {"settings": settings, "data": data, "complete": False}
+
+    def evaluated(evaluations: list[dict[str, float]]) -> None:
+        # Kept in the record as they come, so a resumed run reports the earlier ones too.
+        _write_record(out, {**running, "evaluations": evaluations})
+
     trainer = _build_trainer(
         trainable,
         encoder,
@@ -258,12 +268,12 @@ def finetune(
         progress=progress,
         say=say,
         callbacks=callbacks,
+        resuming=last is not None,
+        evaluated=evaluated,
     )
-    checkpoints = out / CHECKPOINTS
-    last = _last_complete_checkpoint(checkpoints, say)
-    resumed = int(last.rsplit("-", 1)[1]) if last else None
     if last:
         say(f"resuming from {last} (step {resumed})")
+        trainer.evaluations = _evaluations_until(record, Path(last))
     started = time.perf_counter()
     trainer.train(resume_from_checkpoint=last)
     seconds = time.perf_counter() - started
@@ -459,6 +469,8 @@ def _build_trainer(
     progress: bool,
     say: Callable[[str], None],
     callbacks: Sequence[Any],
+    resuming: bool,
+    evaluated: Callable[[list[dict[str, float]]], None],
 ) -> Any:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -483,7 +495,7 @@ def _build_trainer(
         logging_steps=max(1, min(10, total // 20)),
         logging_first_step=True,
         eval_strategy="epoch" if eval_rows else "no",
-        eval_on_start=bool(eval_rows),
+        eval_on_start=bool(eval_rows) and not resuming,
         save_strategy="steps",
         save_steps=save_steps,
         save_total_limit=2,
@@ -519,6 +531,7 @@ def _build_trainer(
             self.evaluations.append(
                 {"epoch": round(epoch, 4), "eval_loss": float(metrics["eval_loss"]), **extra}
             )
+            evaluated(self.evaluations)
             say(
                 f"epoch {epoch:.2f}: eval loss {metrics['eval_loss']:.4f}, exact match "
                 f"{correct}/{len(eval_rows)} ({100 * accuracy:.1f}%)"
@@ -592,6 +605,17 @@ def _exact_matches(model: Any, encoder: Encoder, rows: Sequence[Row], batch_size
 
 
 # -- output folder -----------------------------------------------------------------------------
+
+
+def _evaluations_until(record: dict[str, Any] | None, checkpoint: Path) -> list[dict[str, float]]:
+    """The evaluations an interrupted run recorded up to ``checkpoint`` (later ones are redone)."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+        reached = float(state.get("epoch") or 0.0)
+    except (OSError, ValueError):
+        return []
+    earlier = (record or {}).get("evaluations", [])
+    return [dict(e) for e in earlier if float(e.get("epoch", 0.0)) <= reached + 1e-6]
 
 
 def _last_complete_checkpoint(folder: Path, say: Callable[[str], None]) -> str | None:
