@@ -324,3 +324,27 @@ def test_train_vision_adds_the_vision_encoder(checkpoints: dict[str, Path], tmp_
     assert "vision_model" not in changed
     base.close()
     tuned.close()
+
+
+def test_cli_finetune_errors_are_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from idefics_kit.cli import main
+
+    assert main(["finetune", "rows.jsonl"]) == 2
+    assert "the following arguments are required: -o/--output" in capsys.readouterr().err
+    assert main(["finetune", "rows.jsonl", "-o", str(tmp_path / "o"), "--lora-rank", "0"]) == 2
+    assert "argument --lora-rank: must be an integer >= 1, got '0'" in capsys.readouterr().err
+    rows_file = write_jsonl(tmp_path / "rows.jsonl", [])
+    code = main(
+        ["finetune", "--qlora", "--device", "cpu", str(rows_file), "-o", str(tmp_path / "o")]
+    )
+    err = capsys.readouterr().err
+    assert code == 1
+    assert err.startswith("idefics-kit: error: QLoRA (quantize='4bit') needs a CUDA GPU")
+    assert err.count("\n") == 1
+    code = main(["finetune", "--quiet", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o")])
+    assert code == 1
+    assert "cannot read the rows file" in capsys.readouterr().err
+    assert main(["finetune", "--quiet", str(rows_file), "-o", str(tmp_path / "o")]) == 1
+    assert "no usable training row (of 0 read)" in capsys.readouterr().err
