@@ -27,6 +27,7 @@ with a :class:`~idefics_kit.errors.ConversationError` that gives its length.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -248,8 +249,19 @@ def encode_for_training(
     raises :class:`~idefics_kit.ConversationError`; it is never cut. So does
     one without an assistant turn.
     """
-    encoder = Encoder.for_model(gen.model, gen.processor, max_length=max_length)
+    per_length = _ENCODERS.setdefault(gen, {})
+    encoder = per_length.get(max_length)
+    if encoder is None:
+        encoder = per_length[max_length] = Encoder.for_model(
+            gen.model, gen.processor, max_length=max_length
+        )
     return encoder.encode(conversation)
+
+
+# One encoder per Generator (and length limit): building one scans the vocabulary.
+_ENCODERS: weakref.WeakKeyDictionary[Generator, dict[int | None, Encoder]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def sequence_keys() -> tuple[str, ...]:

@@ -194,7 +194,7 @@ def finetune(
     if record is not None:
         _check_same_run(out, record, settings, data)
         if record.get("complete"):
-            say(f"{out} is already complete ({record['steps']} steps); nothing to train")
+            say(f"{out} is already complete ({record['steps']} step(s)); nothing to train")
             return _result_of(out, record)
 
     train_rows, bad = check_rows(train_rows_all, encoder)
@@ -307,7 +307,7 @@ def finetune(
             "train_seconds": round(seconds, 2),
         },
     )
-    say(f"wrote the {kind} model to {out} ({steps} steps, {seconds:.1f} s)")
+    say(f"wrote the {kind} model to {out} ({steps} step(s), {seconds:.1f} s)")
     return result
 
 
