@@ -34,9 +34,7 @@ def example() -> ModuleType:
 def test_toy_learns_a_new_answer_format_with_default_settings(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # Not --quiet: under pytest's warning capture, --quiet made this run ~8x slower
-    # (254 s vs 30 s; not under plain python, cause not found yet).
-    before, after, _seconds = example().run(tmp_path)
+    before, after, _seconds = example().run(tmp_path, "--quiet")
     assert before <= 0.05  # it answers "red", not "the shape is red"
     assert after >= 0.9
     summary = capsys.readouterr().out
