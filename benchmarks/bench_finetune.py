@@ -6,7 +6,7 @@ with all weights (``full=True``), alternating LoRA, full, full, LoRA so that
 drifting machine load hits both alike. Each run is its own process, so its
 peak resident memory (VmHWM, or peak CUDA memory on a GPU) is its own. Reported:
 training examples per second (rows x steps / training seconds, model loading
-and row checks excluded), peak memory, trainable parameters, and the ratios
+and row checks excluded; the better of the two runs), peak memory, trainable parameters, and the ratios
 LoRA / full. ``size="small"`` checkpoints (text hidden 512 x 4 layers).
 
     .venv/bin/python benchmarks/bench_finetune.py [--quick] [--steps N] [--families F ...]
@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,7 +122,8 @@ def main() -> None:
                 runs[mode].append(run_worker(checkpoint, mode, steps, folder, index))
             summary = {
                 mode: {
-                    "examples_per_s": statistics.median(r["examples_per_s"] for r in runs[mode]),
+                    # The best run: on a shared machine, slower runs measure the neighbours.
+                    "examples_per_s": max(r["examples_per_s"] for r in runs[mode]),
                     "peak_mb": max(r["peak_mb"] for r in runs[mode]),
                     "trainable": runs[mode][0]["trainable"],
                     "runs": runs[mode],
