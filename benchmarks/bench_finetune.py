@@ -1,4 +1,4 @@
-"""Benchmark 9: ``finetune()`` throughput and peak memory, LoRA vs full, small checkpoints.
+"""Benchmark 11: ``finetune()`` throughput and peak memory, LoRA vs full, small checkpoints.
 
 For each family, ``finetune`` runs ``--steps`` optimizer steps (batch 4, one
 picture and a 6-12 word answer per row) twice with LoRA (rank 16) and twice
