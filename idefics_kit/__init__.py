@@ -22,6 +22,8 @@ from idefics_kit.errors import (
     OverloadedError,
     RequestTimeoutError,
     RuntimeFailure,
+    TrainingDataError,
+    TrainingError,
     UsageError,
 )
 from idefics_kit.family import Family
@@ -62,6 +64,8 @@ __all__ = [
     "TextPart",
     "TextStream",
     "TokenLogprob",
+    "TrainingDataError",
+    "TrainingError",
     "Turn",
     "Usage",
     "UsageError",

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TextIO
 from idefics_kit import __version__
 from idefics_kit._cli_batch import BatchJob, run_batch, run_status
 from idefics_kit._cli_common import PROG, CliExit, cli_message, one_line, positive_int
+from idefics_kit._cli_finetune import add_finetune_command
 from idefics_kit._cli_ray import add_ray_flags, run_ray_batch, wants_ray
 from idefics_kit._cli_serve import SERVE_EPILOG, add_serve_flags, engine_options, run_serve
 from idefics_kit.conversation import Conversation
@@ -62,6 +63,7 @@ commands:
   batch-status  how far a batch output is (done, errors, remaining, running)
   info    describe a checkpoint: family, size, context, image settings, tokens
   serve   an OpenAI-compatible HTTP server (needs the [serve] extra)
+  finetune  fine-tune a model on JSONL conversations (LoRA needs the [train] extra)
 
 examples:
   {PROG} ask --image red_circle.png "What color is the shape?"   # built-in toy model
@@ -334,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_serve_flags(serve)
     serve.set_defaults(run=_cmd_serve)
+
+    add_finetune_command(commands, [model])
     return parser
 
 

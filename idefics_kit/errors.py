@@ -8,6 +8,7 @@ Every error the SDK raises on purpose is an :class:`IdeficsKitError`, so one
     │   ├── InvalidParameterError   an option out of range or of the wrong type (also ValueError)
     │   ├── ConversationError       a conversation the model cannot take (also ValueError)
     │   ├── ImageLoadError          an image source that cannot be read or decoded
+    │   ├── TrainingDataError       fine-tuning rows that cannot be used (or a mismatched rerun)
     │   ├── GeneratorClosedError    the Generator was closed (before or while the call waited)
     │   ├── jobs.RecordError        a batch input line that is not a valid record
     │   └── jobs.OutputMismatchError  a batch output written with other settings
@@ -18,7 +19,8 @@ Every error the SDK raises on purpose is an :class:`IdeficsKitError`, so one
         ├── OverloadedError         the request queue is full; retry later
         ├── EngineFailedError       the model's worker stopped after repeated failures
         ├── jobs.OutputBusyError    another live process is writing that batch output
-        └── RequestTimeoutError     the call's ``timeout`` passed (also TimeoutError)
+        ├── RequestTimeoutError     the call's ``timeout`` passed (also TimeoutError)
+        └── TrainingError           fine-tuning cannot run here (template, packages, hardware)
 
 Misuse errors (``UsageError``) are raised before any model work, so a batch
 with a bad item fails without having spent time on the good ones. Messages say
@@ -43,6 +45,8 @@ __all__ = [
     "OverloadedError",
     "RequestTimeoutError",
     "RuntimeFailure",
+    "TrainingDataError",
+    "TrainingError",
     "UsageError",
 ]
 
@@ -99,6 +103,18 @@ class ImageLoadError(UsageError):
         self.source = source
 
 
+class TrainingDataError(UsageError):
+    """Fine-tuning data that cannot be used: no usable row, a bad row under ``strict``,
+    or an output folder left by a run with other settings or data.
+
+    ``bad_rows`` lists the rows that were left out (each with its id and reason).
+    """
+
+    def __init__(self, message: str, *, bad_rows: tuple[object, ...] = ()) -> None:
+        super().__init__(message)
+        self.bad_rows = bad_rows
+
+
 class GeneratorClosedError(UsageError):
     """The Generator was closed: calls after ``close()``, and requests still waiting then."""
 
@@ -137,3 +153,8 @@ class EngineFailedError(RuntimeFailure):
     ``Generator.ready`` is False. Load a new Generator (after fixing the
     device, memory or model that kept failing).
     """
+
+
+class TrainingError(RuntimeFailure):
+    """Fine-tuning cannot run: a chat template that breaks the label construction,
+    the ``[train]`` extra missing, or QLoRA without a CUDA GPU."""

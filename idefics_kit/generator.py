@@ -148,6 +148,7 @@ class Generator:
         max_wait_ms: float = 0.0,
         max_queued: int = DEFAULT_MAX_QUEUED,
         max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
+        adapter: str | os.PathLike[str] | None = None,
     ) -> Generator:
         """Load a checkpoint of any supported family from the hub or a folder.
 
@@ -178,6 +179,11 @@ class Generator:
         run code while loading, so a checkpoint that has only those needs
         ``allow_pickle=True`` (for checkpoints you trust). Custom model code
         from a checkpoint (``trust_remote_code``) is never run.
+
+        ``adapter`` is a LoRA adapter folder (``idefics-kit finetune``'s
+        output), merged into the base model's weights once, at load. An
+        adapter folder also loads on its own as ``model_id``: it records its
+        base model. Adapters need the ``[train]`` extra (``peft``).
         """
         model, processor = loading.load_pretrained(
             model_id,
@@ -190,6 +196,7 @@ class Generator:
             device_map=device_map,
             attn_implementation=attn_implementation,
             allow_pickle=allow_pickle,
+            adapter=adapter,
         )
         return cls.from_model(
             model,

@@ -95,6 +95,18 @@ class FamilyAdapter(ABC):
         """Return the left-padded model inputs (a ``BatchFeature``) for a batch."""
 
     @abstractmethod
+    def render(
+        self, conversation: Conversation, images: LoadedImages, *, add_generation_prompt: bool
+    ) -> Any:
+        """One conversation's model inputs (a ``BatchFeature``, batch of one, no padding).
+
+        With ``add_generation_prompt`` it equals :meth:`encode` of that
+        conversation alone (the prompt the model answers); without, the
+        conversation ends after its last turn (how training sees it, see
+        ``idefics_kit.finetune``).
+        """
+
+    @abstractmethod
     def split_pixels(self, encoded: Any, count: int) -> list[Pixels]:
         """Each of the ``count`` images' own pixel inputs in one conversation's encoding."""
 
@@ -168,6 +180,17 @@ class ChatTemplateAdapter(FamilyAdapter):
             return_dict=True,
             return_tensors="pt",
             processor_kwargs={"padding": True, "padding_side": "left"},
+        )
+
+    def render(
+        self, conversation: Conversation, images: LoadedImages, *, add_generation_prompt: bool
+    ) -> Any:
+        return self.processor.apply_chat_template(
+            [_chat_messages(conversation, iter(images))],
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=True,
+            return_tensors="pt",
         )
 
     def split_pixels(self, encoded: Any, count: int) -> list[Pixels]:

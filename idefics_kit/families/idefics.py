@@ -123,8 +123,18 @@ class IdeficsAdapter(FamilyAdapter):
             return_tensors="pt",
         )
 
+    def render(
+        self, conversation: Conversation, images: LoadedImages, *, add_generation_prompt: bool
+    ) -> Any:
+        pending = iter(images)
+        items = _prompt_items(conversation, generation_prompt=add_generation_prompt)
+        prompt = [next(pending) if item is _IMAGE else item for item in items]
+        return self.processor(text=[prompt], add_end_of_utterance_token=False, return_tensors="pt")
 
-def _prompt_items(conversation: Conversation) -> Iterator[object]:
+
+def _prompt_items(
+    conversation: Conversation, *, generation_prompt: bool = True
+) -> Iterator[object]:
     started = False
     turns: list[tuple[str, tuple[object, ...]]] = [
         (turn.role, turn.parts) for turn in conversation.turns
@@ -144,7 +154,8 @@ def _prompt_items(conversation: Conversation) -> Iterator[object]:
                 yield _IMAGE
             first = False
         yield END_OF_UTTERANCE
-    yield "\nAssistant:"
+    if generation_prompt:
+        yield "\nAssistant:"
 
 
 def _merge_text(parts: Sequence[object]) -> Iterator[object]:
