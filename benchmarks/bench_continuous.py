@@ -321,9 +321,14 @@ def measure(gen: Generator, family: str, sizes: Sizes, runs: int) -> dict[str, A
     }
 
 
-def bench(root: Path, family: str, sizes: Sizes, runs: int) -> dict[str, Any]:
+def bench(
+    root: Path, family: str, sizes: Sizes, runs: int, prefill_tokens: int | None = None
+) -> dict[str, Any]:
     path = _common.build_checkpoint(family, root)
-    gen = Generator.from_pretrained(path, device="cpu", max_batch_size=sizes.batch)
+    settings: dict[str, Any] = {"max_batch_size": sizes.batch}
+    if prefill_tokens is not None:
+        settings["max_prefill_tokens"] = prefill_tokens
+    gen = Generator.from_pretrained(path, device="cpu", **settings)
     try:
         return measure(gen, family, sizes, runs)
     finally:
@@ -350,7 +355,9 @@ def verdict(row: dict[str, Any]) -> str:
     )
 
 
-def report(rows: list[dict[str, Any]], sizes: Sizes, runs: int, quick: bool) -> None:
+def report(
+    rows: list[dict[str, Any]], sizes: Sizes, runs: int, quick: bool, output: str = "continuous"
+) -> None:
     print(
         f"Continuous batching: {sizes.count} requests (3/4 max_new_tokens={sizes.short}, "
         f"1/4 {sizes.long}, greedy), max_batch_size={sizes.batch}, {sizes.callers} closed-loop "
@@ -398,7 +405,7 @@ def report(rows: list[dict[str, Any]], sizes: Sizes, runs: int, quick: bool) -> 
     print()
     for row in rows:
         print(verdict(row))
-    name = "continuous_quick" if quick else "continuous"
+    name = f"{output}_quick" if quick else output
     path = _common.write_results(
         name,
         {
@@ -422,6 +429,12 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=int, help="interleaved rounds of all sides (default 2)")
     parser.add_argument("--families", help="comma-separated subset of " + ",".join(FAMILIES))
+    parser.add_argument(
+        "--max-prefill-tokens",
+        type=int,
+        help="the Generator's max_prefill_tokens (default: the SDK's, 4096)",
+    )
+    parser.add_argument("--output", default="continuous", help="results file name (no .json)")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     runs = args.runs or (1 if args.quick else 2)
@@ -433,9 +446,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="idefics-kit-bench-") as tmp:
         for family in families:
             started = time.perf_counter()
-            rows.append(bench(Path(tmp), family, sizes, runs))
+            rows.append(bench(Path(tmp), family, sizes, runs, args.max_prefill_tokens))
             print(f"({time.perf_counter() - started:.0f} s) {verdict(rows[-1])}", flush=True)
-    report(rows, sizes, runs, args.quick)
+    report(rows, sizes, runs, args.quick, args.output)
 
 
 if __name__ == "__main__":
