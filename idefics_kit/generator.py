@@ -275,6 +275,16 @@ class Generator:
             self._scheduler.call(self._cache.clear)
 
     @property
+    def image_box(self) -> tuple[tuple[int, int] | None, bool]:
+        """The largest image (width, height) the processor uses, and whether it keeps the aspect.
+
+        An image within the box reaches the model as decoded; a larger one is
+        resized by the processor anyway, so a caller may scale it down first
+        (the server does, to bound memory). ``(None, True)``: no known limit.
+        """
+        return self._adapter.image_box()
+
+    @property
     def stop_token_ids(self) -> tuple[int, ...]:
         """Token ids that end an answer: the checkpoint's eos ids and ``<end_of_utterance>``."""
         return self._adapter.stop_token_ids

@@ -120,6 +120,28 @@ class FamilyAdapter(ABC):
     ) -> dict[str, Any]:
         """``inputs`` with the pixels replaced by precomputed per-image ``features``."""
 
+    def image_box(self) -> tuple[tuple[int, int] | None, bool]:
+        """The largest image the processor uses, and whether it keeps the aspect ratio.
+
+        IDEFICS 2, 3 and SmolVLM resize so that the longest edge is at most
+        ``size["longest_edge"]`` (keeping the aspect ratio; IDEFICS 3 and
+        SmolVLM split tiles from that). ``(None, True)`` when the processor
+        does not resize or says nothing readable.
+        """
+        image_processor = getattr(self.processor, "image_processor", None)
+        if image_processor is None or getattr(image_processor, "do_resize", True) is False:
+            return None, True
+        size = getattr(image_processor, "size", None)
+        # A dict in older transformers, a SizeDict (attributes) in 5.x.
+        edge = (
+            size.get("longest_edge")
+            if isinstance(size, dict)
+            else getattr(size, "longest_edge", None)
+        )
+        if isinstance(edge, int) and edge > 0:
+            return (edge, edge), True
+        return None, True
+
     def decode_inputs(self, inputs: Any, output: Any) -> dict[str, torch.Tensor]:
         """What each decoding step feeds the model besides the new tokens, batch dimension first.
 

@@ -63,6 +63,16 @@ class IdeficsAdapter(FamilyAdapter):
         rest["image_encoder_embeddings"] = torch.stack(rows)
         return rest
 
+    def image_box(self) -> tuple[tuple[int, int] | None, bool]:
+        # IDEFICS 1 resizes every image to image_size x image_size.
+        image_processor = getattr(self.processor, "image_processor", None)
+        if image_processor is None or getattr(image_processor, "do_resize", True) is False:
+            return None, True
+        side = getattr(image_processor, "image_size", None)
+        if isinstance(side, int) and side > 0:
+            return (side, side), False
+        return None, True
+
     def decode_inputs(self, inputs: Any, output: Any) -> dict[str, torch.Tensor]:
         # Cross-attention reads the images at every step: generate() feeds
         # the encoder states the prefill computed and the prompt's last row

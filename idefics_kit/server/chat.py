@@ -118,30 +118,15 @@ class ImageLimits:
 def image_fit(generator: Generator) -> tuple[tuple[int, int] | None, bool]:
     """The largest image the generator's processor uses, and whether it keeps the aspect ratio.
 
-    IDEFICS 2, 3 and SmolVLM resize so that the longest edge is at most
-    ``size["longest_edge"]`` (keeping the aspect ratio; IDEFICS 3 and SmolVLM
-    split tiles from that); IDEFICS 1 resizes to ``image_size`` squared. An
-    image already within the box is never changed, so answers about it are
-    the same as in-process. ``(None, True)`` when the processor says nothing
-    the server can read: images are then kept as decoded.
+    ``Generator.image_box`` (each family's adapter knows its processor's
+    resizing). An image already within the box is never changed, so answers
+    about it are the same as in-process. ``(None, True)`` for a generator
+    that cannot say (a test double): images are then kept as decoded.
     """
-    image_processor = getattr(getattr(generator, "processor", None), "image_processor", None)
-    if image_processor is None or getattr(image_processor, "do_resize", True) is False:
+    box = getattr(generator, "image_box", None)
+    if not isinstance(box, tuple):
         return None, True
-    family = getattr(generator, "family", None)
-    if family == "idefics":
-        side = getattr(image_processor, "image_size", None)
-        if isinstance(side, int) and side > 0:
-            return (side, side), False
-        return None, True
-    size = getattr(image_processor, "size", None)
-    # A dict in older transformers, a SizeDict (attributes) in 5.x.
-    edge = (
-        size.get("longest_edge") if isinstance(size, dict) else getattr(size, "longest_edge", None)
-    )
-    if isinstance(edge, int) and edge > 0:
-        return (edge, edge), True
-    return None, True
+    return box
 
 
 class PixelBudget:
