@@ -51,6 +51,8 @@ class FamilyAdapter(ABC):
     replaced_by_features: ClassVar[tuple[str, ...]] = ()
     """Model inputs that :meth:`with_image_features` drops: not worth batching then."""
     prefills_in_parts: ClassVar[bool] = False
+    language_module_prefixes: ClassVar[tuple[str, ...]] = ("model.text_model.",)
+    """Module names of the language model (LoRA targets when fine-tuning)."""
     """Whether a micro-batch's prefill may run in parts of similar length (``prefill``).
 
     True where images enter as token embeddings and the prompt's KV cache is

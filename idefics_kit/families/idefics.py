@@ -30,6 +30,9 @@ _IMAGE = object()
 class IdeficsAdapter(FamilyAdapter):
     """IDEFICS 1: the model card's interleaved prompt list."""
 
+    # The decoder layers and the gated cross-attention that reads the images.
+    language_module_prefixes = ("model.layers.", "model.gated_cross_attn_layers.")
+
     family = "idefics"
     model_type = "idefics"
 

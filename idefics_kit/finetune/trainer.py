@@ -374,10 +374,10 @@ def _linear_names(model: Any, prefixes: Sequence[str]) -> list[str]:
 
 
 def _language_prefixes(model: Any) -> tuple[str, ...]:
-    if model.config.model_type == "idefics":
-        # IDEFICS 1: the decoder layers and the gated cross-attention that reads the images.
-        return ("model.layers.", "model.gated_cross_attn_layers.")
-    return ("model.text_model.",)
+    from idefics_kit.loading import adapter_class
+
+    family = adapter_class(str(model.config.model_type), type(model).__name__)
+    return family.language_module_prefixes
 
 
 _VISION_PREFIXES = ("model.vision_model.", "model.connector.", "model.perceiver_resampler.")
