@@ -20,7 +20,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse
@@ -42,29 +41,6 @@ from tests.test_server import (
 
 KEY = {"Authorization": "Bearer s3cret"}
 HI = {"messages": [{"role": "user", "content": "x"}]}
-
-
-@contextlib.contextmanager
-def serving_config(app: Any, **config: Any) -> Iterator[str]:
-    """Like ``serving``, with extra ``uvicorn.Config`` settings (``root_path``)."""
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", access_log=False, **config
-        )
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert thread.is_alive(), "uvicorn did not start"
-        assert time.monotonic() < deadline, "uvicorn did not start in time"
-        time.sleep(0.01)
-    port = server.servers[0].sockets[0].getsockname()[1]
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(20)
 
 
 # -- 1. the key holds wherever the app is mounted ---------------------------------------------
@@ -98,7 +74,7 @@ def test_key_holds_direct_mounted_and_under_root_path() -> None:
     with serving(outer) as url:
         assert_guarded(f"{url}/vlm")
     # Behind a proxy that strips /vlm: uvicorn puts the root_path back in front of the path.
-    with serving_config(app, root_path="/vlm") as url:
+    with serving(app, root_path="/vlm") as url:
         assert_guarded(url)
 
 
