@@ -89,7 +89,7 @@ def add_finetune_command(commands: Any, parents: list[argparse.ArgumentParser]) 
         type=positive_int,
         default=DEFAULTS.gradient_accumulation,
         metavar="N",
-        help="batches per optimizer step (default: 1)",
+        help=f"batches per optimizer step (default: {DEFAULTS.gradient_accumulation})",
     )
     training.add_argument(
         "--lora-rank",
