@@ -88,12 +88,29 @@ class Run:
         self.latency: dict[int, float] = {}
         self.steps = 0
         self.row_steps = 0
+        self.admissions = 0
+        self.admitted = 0
         self.lock = threading.Lock()
 
     def record(self, index: int, result: Result, started: float) -> None:
         with self.lock:
             self.results[index] = result
             self.latency[index] = time.perf_counter() - started
+
+
+STAGES = ("prepare", "queue", "prefill", "decode")
+"""A request's stages, from :class:`idefics_kit.Timing`."""
+
+
+def _stage(result: Result, stage: str) -> float:
+    timing = result.timing
+    assert timing is not None, "a successful result carries its timing"
+    return {
+        "prepare": timing.prepare_s,
+        "queue": timing.queue_s,
+        "prefill": timing.prefill_s,
+        "decode": timing.decode_s,
+    }[stage]
 
 
 def is_long(index: int) -> bool:
@@ -127,6 +144,8 @@ def measure(gen: Generator, family: str, sizes: Sizes, runs: int) -> dict[str, A
             after = gen.stats()
             run.steps = after.steps - before.steps
             run.row_steps = after.row_steps - before.row_steps
+            run.admissions = after.batches - before.batches
+            run.admitted = after.rows - before.rows
             own[name] = run
             return run
 
@@ -239,16 +258,30 @@ def measure(gen: Generator, family: str, sizes: Sizes, runs: int) -> dict[str, A
     row_steps: dict[str, list[int]] = {name: [] for name in sides}
     short_latency: dict[str, list[float]] = {"open": [], "closed": [], "lone_short": []}
     long_latency: dict[str, list[float]] = {"open": [], "closed": []}
+    # Where a short request's time went (Result.timing), per round: the median of each stage.
+    stages: dict[str, dict[str, list[float]]] = {
+        name: {stage: [] for stage in STAGES} for name in short_latency
+    }
+    admissions: dict[str, list[int]] = {name: [] for name in sides}
+    admitted: dict[str, list[int]] = {name: [] for name in sides}
 
     def timed(name: str) -> Callable[[], None]:
         def run() -> None:
             done = sides[name]()
             steps[name].append(done.steps)
             row_steps[name].append(done.row_steps)
+            admissions[name].append(done.admissions)
+            admitted[name].append(done.admitted)
             if name in short_latency:
                 short_latency[name].append(
                     statistics.median(done.latency[i] for i in done.latency if not is_long(i))
                 )
+                for stage, values in stages[name].items():
+                    values.append(
+                        statistics.median(
+                            _stage(done.results[i], stage) for i in done.results if not is_long(i)
+                        )
+                    )
             if name in long_latency:
                 long_latency[name].append(
                     statistics.median(done.latency[i] for i in done.latency if is_long(i))
@@ -311,6 +344,13 @@ def measure(gen: Generator, family: str, sizes: Sizes, runs: int) -> dict[str, A
         "long_p50_s": {
             name: round(statistics.median(values), 4) for name, values in long_latency.items()
         },
+        "short_stages_p50_s": {
+            name: {stage: round(statistics.median(v), 4) for stage, v in by_stage.items()}
+            for name, by_stage in stages.items()
+        },
+        "rows_per_admission": {
+            name: round(sum(admitted[name]) / max(1, sum(admissions[name])), 2) for name in sides
+        },
         "short_during_streams_s": round(statistics.median(extra["short_during_streams_s"]), 4),
         "streams_total_s": round(statistics.median(extra["streams_total_s"]), 4),
         "generated": generated,
@@ -350,9 +390,15 @@ def verdict(row: dict[str, Any]) -> str:
         f"mean tokens short {row['generated']['short_mean_tokens']} long "
         f"{row['generated']['long_mean_tokens']}; mean rows per step open "
         f"{row['mean_rows_per_step']['open']} oracle {row['mean_rows_per_step']['oracle']} "
-        f"closed {row['mean_rows_per_step']['closed']}; other processes "
+        f"closed {row['mean_rows_per_step']['closed']}; short stages p50 s (prepare, queue, "
+        f"prefill, decode) closed {_stages(row, 'closed')} lone {_stages(row, 'lone_short')}; "
+        f"rows per admission closed {row['rows_per_admission']['closed']}; other processes "
         f"{row['foreign_cpu_share']:.0%} ({row['rejected_noisy_rounds']} rounds rerun)"
     )
+
+
+def _stages(row: dict[str, Any], side: str) -> str:
+    return "/".join(f"{row['short_stages_p50_s'][side][stage]:.3f}" for stage in STAGES)
 
 
 def report(

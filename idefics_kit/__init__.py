@@ -29,7 +29,7 @@ from idefics_kit.errors import (
 from idefics_kit.family import Family
 from idefics_kit.images import ImagePart
 from idefics_kit.options import GenerationOptions
-from idefics_kit.results import ChoiceScore, FinishReason, Result, TokenLogprob, Usage
+from idefics_kit.results import ChoiceScore, FinishReason, Result, Timing, TokenLogprob, Usage
 
 if TYPE_CHECKING:
     from idefics_kit.generator import Generator
@@ -63,6 +63,7 @@ __all__ = [
     "SchedulerStats",
     "TextPart",
     "TextStream",
+    "Timing",
     "TokenLogprob",
     "TrainingDataError",
     "TrainingError",

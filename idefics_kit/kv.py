@@ -7,6 +7,14 @@ own or with other new rows) is padded on the left to the batch's length, or
 the batch to its; a row that leaves is dropped from every tensor, and the
 columns that are padding for every remaining row are cut off the left.
 
+The cache's layers keep spare columns (:data:`ROOM`) after the last one, so
+a decoding step writes its new keys and values in place: ``DynamicCache``
+grows by ``torch.cat`` at every step, which copies the whole cache into a
+fresh allocation (on the CPU, 40% of a 16-row step of the small test
+models). Joins and selections copy the cache anyway; they keep the room.
+The keys and values a layer hands to attention are views of its buffers:
+the same numbers in the same order, so the tokens do not change.
+
 Besides the cache, the state holds what each decoding step needs per row:
 the attention mask (0 on padding), the next position id (the row's count of
 real tokens: what ``generate`` derives from the mask) and the family's own
@@ -23,9 +31,12 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
-__all__ = ["BatchCache", "joinable"]
+__all__ = ["ROOM", "BatchCache", "joinable"]
+
+ROOM = 64
+"""Spare columns a layer keeps after its last one: a reallocation every ``ROOM`` steps at most."""
 
 
 def joinable(model: Any, length: int) -> bool:
@@ -53,6 +64,9 @@ class BatchCache:
         positions: torch.Tensor,
         extras: dict[str, torch.Tensor],
     ) -> None:
+        with torch.inference_mode():
+            for index, layer in enumerate(cache.layers):
+                cache.layers[index] = _growing(layer)
         self.cache = cache
         self.mask = mask
         """``[rows, columns]``: 1 on real tokens, 0 on left padding (what the cache holds)."""
@@ -95,14 +109,13 @@ class BatchCache:
         self._next_mask = None
         with torch.inference_mode():
             for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-                mine.keys = torch.cat(
-                    [_left_padded(mine.keys, length), _left_padded(theirs.keys, length)]
-                )
-                mine.values = torch.cat(
-                    [_left_padded(mine.values, length), _left_padded(theirs.values, length)]
-                )
+                if isinstance(mine, _Growing):
+                    mine.join(theirs.keys, theirs.values, length)
+                else:
+                    mine.keys = _stacked(mine.keys, theirs.keys, length)
+                    mine.values = _stacked(mine.values, theirs.values, length)
+                    _resync(mine)
                 theirs.keys = theirs.values = None  # released as soon as joined
-                _resync(mine)
             self.mask = torch.cat(
                 [_left_padded_mask(self.mask, length), _left_padded_mask(other.mask, length)]
             )
@@ -122,12 +135,138 @@ class BatchCache:
         self.positions = self.positions.index_select(0, index)
         for layer in self.cache.layers:
             where = index.to(layer.keys.device)
-            layer.keys = layer.keys.index_select(0, where)[:, :, start:]
-            layer.values = layer.values.index_select(0, where)[:, :, start:]
-            _resync(layer)
+            if isinstance(layer, _Growing) and not layer.full:
+                layer.select(where, start)
+            else:
+                layer.keys = layer.keys.index_select(0, where)[:, :, start:]
+                layer.values = layer.values.index_select(0, where)[:, :, start:]
+                _resync(layer)
         self.extras = {
             key: value.index_select(0, index.to(value.device)) for key, value in self.extras.items()
         }
+
+
+class _Growing:
+    """A cache layer whose keys and values are views of buffers with room to grow.
+
+    ``keys``/``values`` are ``buffer[:, :, start:end]``; a step writes the
+    new column at ``end``. Mixed into transformers' layer classes, so the
+    model sees the layer it expects (the sliding one's mask sizes included).
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    _key_buffer: torch.Tensor
+    _value_buffer: torch.Tensor
+    _start: int
+    _end: int
+    full = False
+    """True once a sliding window filled: transformers' own update holds the columns since."""
+
+    def hold(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Take ``keys``/``values`` (``[rows, heads, columns, dim]``) into new buffers with room."""
+        columns = int(keys.shape[-2])
+        self._key_buffer = _with_room(keys)
+        self._value_buffer = _with_room(values)
+        self._start, self._end = 0, columns
+        self._expose()
+
+    def join(self, keys: torch.Tensor, values: torch.Tensor, columns: int) -> None:
+        """Append rows (``keys``/``values``), both sides left-padded with zeros to ``columns``."""
+        self._key_buffer = _stacked_with_room(self.keys, keys, columns)
+        self._value_buffer = _stacked_with_room(self.values, values, columns)
+        self._start, self._end = 0, columns
+        self._expose()
+
+    def select(self, rows: torch.Tensor, start: int) -> None:
+        """Keep the buffer rows ``rows`` and the columns from ``start`` on (room included)."""
+        self._key_buffer = self._key_buffer.index_select(0, rows)
+        self._value_buffer = self._value_buffer.index_select(0, rows)
+        self._start += start
+        self._expose()
+
+    def write(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        added = int(key_states.shape[-2])
+        if self._end + added > self._key_buffer.shape[-2]:
+            self.hold(self.keys, self.values)  # out of room: move to new buffers
+        end = self._end + added
+        self._key_buffer[:, :, self._end : end] = key_states
+        self._value_buffer[:, :, self._end : end] = value_states
+        self._end = end
+        self._expose()
+
+    def _expose(self) -> None:
+        self.keys = self._key_buffer[:, :, self._start : self._end]
+        self.values = self._value_buffer[:, :, self._start : self._end]
+        if hasattr(self, "cumulative_length"):
+            self.cumulative_length = self._end - self._start
+
+
+class _GrowingLayer(_Growing, DynamicLayer):  # type: ignore[misc]
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.write(key_states, value_states)
+        return self.keys, self.values
+
+
+class _GrowingSlidingLayer(_Growing, DynamicSlidingWindowLayer):  # type: ignore[misc]
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.full or self.cumulative_length + int(key_states.shape[-2]) >= self.sliding_window:
+            # The window fills (only a row running alone gets here: ``joinable``):
+            # transformers' own update drops the oldest columns from now on.
+            self.full = True
+            return super().update(key_states, value_states, *args, **kwargs)  # type: ignore[no-any-return]
+        self.write(key_states, value_states)
+        return self.keys, self.values
+
+
+def _growing(layer: Any) -> Any:
+    """``layer`` (just prefilled) as a growing layer; other kinds of layers stay as they are."""
+    grown: _Growing
+    if type(layer) is DynamicLayer:
+        grown = _GrowingLayer()
+    elif type(layer) is DynamicSlidingWindowLayer and not layer.record_past:
+        grown = _GrowingSlidingLayer(sliding_window=layer.sliding_window)
+    else:
+        return layer
+    if not layer.is_initialized:
+        return layer
+    grown.device = layer.device
+    grown.is_initialized = True
+    if isinstance(grown, DynamicSlidingWindowLayer):
+        grown._sliding_window_tensor = layer._sliding_window_tensor
+    grown.hold(layer.keys, layer.values)
+    return grown
+
+
+def _with_room(tensor: torch.Tensor) -> torch.Tensor:
+    shape = list(tensor.shape)
+    shape[-2] += ROOM
+    # Never read beyond the held columns, so left uninitialised.
+    buffer = tensor.new_empty(shape)
+    buffer[:, :, : tensor.shape[-2]] = tensor
+    return buffer
+
+
+def _stacked_with_room(mine: torch.Tensor, theirs: torch.Tensor, columns: int) -> torch.Tensor:
+    rows = int(mine.shape[0])
+    shape = [rows + int(theirs.shape[0]), *mine.shape[1:]]
+    shape[-2] = columns + ROOM
+    buffer = mine.new_empty(shape)
+    for part, at in ((mine, slice(0, rows)), (theirs, slice(rows, None))):
+        # Left padding is attended to with weight 0, and must be finite
+        # for that: zeros, never uninitialised memory.
+        pad = columns - int(part.shape[-2])
+        buffer[at, :, :pad] = 0
+        buffer[at, :, pad:columns] = part
+    return buffer
+
+
+def _stacked(mine: torch.Tensor, theirs: torch.Tensor, length: int) -> torch.Tensor:
+    return torch.cat([_left_padded(mine, length), _left_padded(theirs, length)])
 
 
 def _resync(layer: Any) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import math
 import threading
 import time
@@ -32,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from idefics_kit.errors import InvalidParameterError, RequestTimeoutError
 from idefics_kit.options import GenerationOptions
-from idefics_kit.results import Result
+from idefics_kit.results import Result, Timing
 
 if TYPE_CHECKING:
     from idefics_kit.runner import Prepared
@@ -65,7 +66,11 @@ class Request:
     """One conversation on its way to an answer; see the module docstring."""
 
     __slots__ = (
+        "_admitted_at",
+        "_first_token_at",
         "_lock",
+        "_made_at",
+        "_queued_at",
         "_withdraw",
         "cancelled",
         "cap",
@@ -103,6 +108,11 @@ class Request:
         """Tokens already handed to ``on_token`` (a restarted row does not repeat them)."""
         self._lock = threading.Lock()
         self._withdraw: Callable[[Request], None] | None = None
+        # Monotonic times of its stages, for Result.timing.
+        self._made_at = time.monotonic()
+        self._queued_at: float | None = None
+        self._admitted_at: float | None = None
+        self._first_token_at: float | None = None
 
     def cancel(self, reason: BaseException | None = None) -> None:
         """Give up on this request, from any thread; ``reason`` becomes its outcome when given.
@@ -131,7 +141,24 @@ class Request:
             outcome = self.reason
         elif self.cancelled and isinstance(outcome, Result):
             outcome = CANCELLED
+        elif isinstance(outcome, Result) and outcome.ok:
+            timing = self.timing()
+            if timing is not None:
+                outcome = dataclasses.replace(outcome, timing=timing)
         self.on_done(outcome)
+
+    def timing(self) -> Timing | None:
+        """Where its time went so far (None before its first token)."""
+        queued, admitted, first = self._queued_at, self._admitted_at, self._first_token_at
+        if queued is None or admitted is None or first is None:
+            return None
+        made = self._made_at
+        return Timing(
+            prepare_s=queued - made,
+            queue_s=max(0.0, admitted - queued),
+            first_token_s=first - made,
+            total_s=time.monotonic() - made,
+        )
 
     def enqueue(self, withdraw: Callable[[Request], None]) -> bool:
         """Mark it queued (the scheduler calls this under its lock); False if it was cancelled."""
@@ -140,6 +167,7 @@ class Request:
                 return False
             self.stage = "queued"
             self._withdraw = withdraw
+            self._queued_at = time.monotonic()
             return True
 
     def start(self) -> bool:
@@ -149,7 +177,14 @@ class Request:
                 return False
             self.stage = "running"
             self._withdraw = None
+            self._admitted_at = time.monotonic()
+            self._first_token_at = None
             return True
+
+    def prefilled(self) -> None:
+        """Its first token was chosen (the worker calls this when its admission is done)."""
+        if self._first_token_at is None:
+            self._first_token_at = time.monotonic()
 
     def requeue(self, withdraw: Callable[[Request], None]) -> bool:
         """Back to the queue after a preemption (the scheduler calls this under its lock)."""

@@ -1,14 +1,14 @@
-"""What a generation returns: :class:`Result`, :class:`Usage`, :class:`TokenLogprob`,
-and what scoring returns: :class:`ChoiceScore`."""
+"""What a generation returns: :class:`Result`, :class:`Usage`, :class:`Timing`,
+:class:`TokenLogprob`, and what scoring returns: :class:`ChoiceScore`."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from idefics_kit.errors import IdeficsKitError
 
-__all__ = ["ChoiceScore", "FinishReason", "Result", "TokenLogprob", "Usage"]
+__all__ = ["ChoiceScore", "FinishReason", "Result", "Timing", "TokenLogprob", "Usage"]
 
 FinishReason = Literal["stop", "length", "error"]
 """``"stop"``: a stop token or stop string ended the answer; ``"length"``:
@@ -32,6 +32,41 @@ class Usage:
     def total_tokens(self) -> int:
         """``prompt_tokens + completion_tokens``."""
         return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Timing:
+    """Where one request's time went: seconds since the request was made, on one monotonic clock.
+
+    For ``generate``, ``stream``, ``agenerate`` and ``astream`` the request is
+    made at the call, so ``prepare_s`` counts loading and decoding its images
+    and encoding its prompt; a batch call prepares its conversations first and
+    makes their requests after that (``prepare_s`` is then about 0).
+    ``queue_s`` is the wait for a row in the running batch; the prefill (with
+    the other requests admitted at the same step) ends at ``first_token_s``,
+    the time to first token; ``total_s`` is when the answer was complete.
+    A row restarted after an out-of-memory preemption reports its last
+    admission.
+    """
+
+    prepare_s: float
+    """From the request to the queue: images loaded and decoded, prompt encoded."""
+    queue_s: float
+    """Waiting in the queue for a row."""
+    first_token_s: float
+    """From the request to its first token (time to first token)."""
+    total_s: float
+    """From the request to its complete answer."""
+
+    @property
+    def prefill_s(self) -> float:
+        """From admission to the first token: the prefill of the rows admitted with it."""
+        return max(0.0, self.first_token_s - self.prepare_s - self.queue_s)
+
+    @property
+    def decode_s(self) -> float:
+        """From the first token to the complete answer: the decoding steps it shared."""
+        return max(0.0, self.total_s - self.first_token_s)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -89,6 +124,8 @@ class Result:
     """Why this input failed, when a batch ran with ``on_error="return"``."""
     logprobs: tuple[TokenLogprob, ...] | None = None
     """One entry per id of ``token_ids`` when ``logprobs=True`` was asked, else None."""
+    timing: Timing | None = field(default=None, compare=False)
+    """Where this request's time went; None for a failed input. Not part of equality."""
 
     @property
     def ok(self) -> bool:

@@ -494,11 +494,14 @@ class Scheduler:
         failure: BaseException | None = None
         try:
             self._engine.admit(items, rows)
-            return
         except torch.OutOfMemoryError as exc:
             failure = _fresh(exc)
         except GenerationError as exc:
             failure = exc
+        else:
+            for request in requests:
+                request.prefilled()
+            return
         # Out of the except block: its traceback no longer keeps the failed
         # attempt's tensors alive while the halves run.
         _release_memory()

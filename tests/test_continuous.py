@@ -330,3 +330,47 @@ def test_idefics1_cross_attention_state_follows_its_rows(generators: dict[str, G
         thread.join(60)
         assert box["value"] == expected
     shared.close()
+
+
+def test_results_say_where_their_time_went(generators: dict[str, Generator]) -> None:
+    gen = fresh(generators["idefics3"], max_batch_size=1)
+    called = time.monotonic()
+    lone = gen.generate(SHORT, max_new_tokens=3)
+    returned = time.monotonic()
+    timing = lone.timing
+    assert timing is not None
+    assert 0 <= timing.prepare_s <= timing.first_token_s <= timing.total_s <= returned - called
+    assert timing.queue_s >= 0
+    assert timing.prefill_s > 0
+    assert timing.decode_s > 0
+    assert timing.prepare_s + timing.queue_s + timing.prefill_s == pytest.approx(
+        timing.first_token_s
+    )
+    # One row at a time: a request asked while a long one runs waits in the queue for it.
+    long_called = time.monotonic()
+    stream = gen.stream(LONG, max_new_tokens=40)
+    wait_until(lambda: gen.stats().running == 1)
+    short_called = time.monotonic()
+    short = gen.generate(SHORT, max_new_tokens=3)
+    for _piece in stream:
+        pass
+    long = stream.result
+    assert long is not None
+    assert long.timing is not None
+    assert short.timing is not None
+    long_done = long_called + long.timing.total_s
+    short_admitted = short_called + short.timing.prepare_s + short.timing.queue_s
+    assert short_admitted >= long_done - 0.01
+    assert short.timing.queue_s > long.timing.decode_s / 4
+    # Equality ignores timing; batch results and stream results carry theirs.
+    assert short == lone
+    assert short.timing != lone.timing
+    results = gen.generate_batch([SHORT, TWO], max_new_tokens=2)
+    assert all(r.timing is not None and r.timing.total_s > 0 for r in results)
+    # A failed input's result has none.
+    broken = Conversation().user(ImagePart.from_bytes(b"not an image"), "What?")
+    failed = gen.generate_batch([broken, SHORT], max_new_tokens=2, on_error="return")
+    assert failed[0].error is not None
+    assert failed[0].timing is None
+    assert failed[1].timing is not None
+    gen.close()
