@@ -75,7 +75,7 @@ def get(app: Any, *paths: str, method: str = "GET") -> list[httpx.Response]:
 def test_page_files_come_from_the_package_with_the_security_headers() -> None:
     app = create_app(FakeGenerator(), served_model_name=MODEL, api_key=KEY)  # type: ignore[arg-type]
     responses = get(app, *PAGE_FILES)
-    for (path, (name, media_type)), response in zip(PAGE_FILES.items(), responses):
+    for (path, (name, media_type)), response in zip(PAGE_FILES.items(), responses, strict=True):
         assert response.status_code == 200, path
         assert response.content == packaged(name), path
         assert response.headers["content-type"] == media_type
@@ -106,7 +106,7 @@ def test_only_the_page_and_health_are_open_and_nothing_else_is_served() -> None:
         "/..%2fpyproject.toml",
         "/playground.css%00.js",
     ]
-    for path, response in zip(guarded, get(app, *guarded)):
+    for path, response in zip(guarded, get(app, *guarded), strict=True):
         assert_openai_error(response, 401, "invalid_api_key")
         assert "content-security-policy" not in response.headers, path
     # Without a key the same paths are plain JSON 404s (not files, not the page).
@@ -328,6 +328,7 @@ STATS = re.compile(
     r"^stop · \d+ prompt \+ (\d+) completion tokens · \d+\.\d\d s · first token \d+\.\d\d s"
     r" · \d+\.\d tokens/s$"
 )
+
 
 @pytest.mark.browser
 @pytest.mark.slow
