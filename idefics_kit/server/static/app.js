@@ -196,6 +196,8 @@
       item.append(remove);
       ui.attachments.append(item);
     });
+    // The composer grew or shrank: keep the latest answer in view.
+    scrollDown();
   }
 
   // -- the conversation ------------------------------------------------------------------
