@@ -26,6 +26,7 @@ import os
 import random
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -313,7 +314,7 @@ def answered(page: Any, nth: int) -> tuple[str, str]:
     from playwright.sync_api import expect
 
     turn = page.locator(".turn.assistant:not(.error)").nth(nth)
-    expect(turn.locator(".stats")).to_be_visible()
+    expect(turn.locator(".stats")).to_be_visible(timeout=30_000)
     return turn.locator(".text").inner_text(), turn.locator(".stats").inner_text()
 
 
@@ -434,7 +435,8 @@ def test_html_in_an_answer_is_shown_as_text_under_a_mount_prefix(tab: Tab) -> No
     pieces = ('<img src=x onerror="window.__pwned = 1">', "<script>window.__pwned = 2</script>")
     app = create_app(FakeGenerator(pieces=pieces), served_model_name=MODEL)  # type: ignore[arg-type]
     with serving(Starlette(routes=[Mount("/vlm", app=app)])) as url:
-        page = open_page(tab, url + "/vlm/")
+        page = open_page(tab, url + "/vlm")
+        assert page.url == url + "/vlm/"  # the mount's redirect: relative URLs need the slash
         ask(page, "Say something nasty.")
         text, stats = answered(page, 0)
         assert text == "".join(pieces)
@@ -443,6 +445,7 @@ def test_html_in_an_answer_is_shown_as_text_under_a_mount_prefix(tab: Tab) -> No
         assert page.evaluate("typeof window.__pwned") == "undefined"
     paths = {urlsplit(r.url).path for r in tab.requests}
     assert paths == {
+        "/vlm",
         "/vlm/",
         "/vlm/playground.css",
         "/vlm/playground.js",
@@ -538,4 +541,34 @@ def test_server_errors_are_shown_in_words_and_the_page_keeps_working(
     page.locator("#attachments .remove").nth(1).click()
     page.press("#question", "Enter")
     assert answered(page, 0)[0] == color
+    tab.assert_clean()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_stop_keeps_the_part_received(tab: Tab) -> None:
+    fake = FakeGenerator(pieces=tuple(f" w{i}" for i in range(100)), delay=0.05)
+    with serving(create_app(fake, served_model_name=MODEL)) as url:  # type: ignore[arg-type]
+        page = open_page(tab, url + "/")
+        ask(page, "Talk.")
+        turn = page.locator(".turn.assistant").first
+        turn.locator(".text").filter(has_text="w2").wait_for()
+        page.click("#stop")
+        text, stats = answered(page, 0)
+        assert stats.startswith("stopped · ~")
+        assert text.startswith(" w0 w1 w2")
+        assert len(text) < len("".join(fake.pieces))
+        # The server saw the client go and closed the stream.
+        deadline = time.monotonic() + 10
+        while fake.closed_streams < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert fake.closed_streams == 1
+        # The part received is the assistant turn of the conversation that goes on.
+        assert page.is_visible("#send")
+        fake.pieces = [" done"]
+        ask(page, "More.")
+        answered(page, 1)
+        history = tab.chats()[1]["messages"]
+        assert [m["role"] for m in history] == ["user", "assistant", "user"]
+        assert history[1]["content"] == text
     tab.assert_clean()

@@ -383,7 +383,11 @@
     const seconds = (performance.now() - started) / 1000;
     const firstSeconds = firstAt === null ? null : (firstAt - started) / 1000;
     answer.turn.append(element("div", "stats", statsLine(finish, usage, pieces, seconds, firstSeconds)));
-    history = history.concat([userMessage, { role: "assistant", content: reply }]);
+    if (reply || finish !== "stopped") {
+      history = history.concat([userMessage, { role: "assistant", content: reply }]);
+    } else {
+      userTurn.classList.add("failed"); // stopped before any answer: not part of the chat
+    }
     scrollDown();
   }
 
