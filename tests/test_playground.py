@@ -45,6 +45,7 @@ from idefics_kit.server import create_app
 from idefics_kit.server.playground import CONTENT_SECURITY_POLICY
 from idefics_kit.toy import TOY_MODEL
 from idefics_kit.toy.scenes import QUESTIONS, draw_scene
+from tests.conftest import picture as noise
 from tests.test_server import MODEL, FakeGenerator, assert_openai_error, serving
 
 KEY = "s3cret-playground"
@@ -571,4 +572,27 @@ def test_stop_keeps_the_part_received(tab: Tab) -> None:
         history = tab.chats()[1]["messages"]
         assert [m["role"] for m in history] == ["user", "assistant", "user"]
         assert history[1]["content"] == text
+    tab.assert_clean()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_a_body_over_the_limit_gets_413_in_words(tab: Tab, tmp_path: Path) -> None:
+    """The server answers 413 from Content-Length and closes: the browser still shows why."""
+    app = create_app(FakeGenerator(), served_model_name=MODEL, max_request_bytes=4096)  # type: ignore[arg-type]
+    with serving(app) as url:
+        page = open_page(tab, url + "/")
+        picture = tmp_path / "noise.png"
+        noise(64, 64, seed=41).save(picture)
+        assert picture.stat().st_size > 4096
+        ask(page, COLOR, picture)
+        shown = error_shown(page, 0)
+        assert re.fullmatch(
+            r"Error 413: The request body is too large \(declared \d+ bytes\); this server "
+            r"takes at most 4096 bytes\. Send smaller or fewer images\.",
+            shown,
+        ), shown
+        page.click("#attachments .remove")
+        ask(page, "Hello?")
+        assert answered(page, 0)[0] == "a red circle"
     tab.assert_clean()

@@ -116,8 +116,6 @@
       text =
         "The server needs a valid API key (401): " + message +
         " Enter the key in the API key field at the top, then send again.";
-    } else if (status === 413) {
-      text += " (Send smaller or fewer pictures.)";
     }
     if ((status === 429 || status === 503) && retryAfter) {
       text += " Try again in " + retryAfter + " s.";
