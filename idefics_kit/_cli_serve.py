@@ -345,12 +345,11 @@ def run_serve(
                 args.host,
                 API_KEY_ENV,
             )
+        page = None
         if args.playground and args.port:
             host = f"[{args.host}]" if ":" in args.host else args.host
-            logging.getLogger("idefics_kit.server").info(
-                "playground: open http://%s:%d/ in a browser", host, args.port
-            )
-        server = _draining_server(config, app, args.drain_seconds)
+            page = f"http://{host}:{args.port}/"
+        server = _draining_server(config, app, args.drain_seconds, page)
         server.run()
         if not server.started:
             return 1
@@ -361,14 +360,24 @@ def run_serve(
     return 0
 
 
-def _draining_server(config: Any, app: ServerApp, drain_seconds: float) -> Any:
-    """A ``uvicorn.Server`` whose SIGTERM/SIGINT drains ``app`` first, then exits cleanly."""
+def _draining_server(
+    config: Any, app: ServerApp, drain_seconds: float, page: str | None = None
+) -> Any:
+    """A ``uvicorn.Server`` whose SIGTERM/SIGINT drains ``app`` first, then exits cleanly.
+
+    ``page``: the playground's URL, logged once the server listens.
+    """
     import uvicorn
 
     log = logging.getLogger("idefics_kit.server")
 
     class DrainingServer(uvicorn.Server):
         drain_started: float | None = None
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if page is not None and self.started:
+                log.info("playground: open %s in a browser", page)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             # Not recorded as a captured signal: uvicorn would re-raise it after

@@ -165,19 +165,25 @@ def test_no_playground_flag_reaches_create_app(monkeypatch: pytest.MonkeyPatch) 
         def run(self) -> None:
             pass
 
-    def fake_server(config: Any, app: Any, drain_seconds: float) -> NoServer:
-        served.append(app)
+    def fake_server(config: Any, app: Any, drain_seconds: float, page: str | None) -> NoServer:
+        served.append((app, page))
         return NoServer()
 
     # No uvicorn.Config either: it would reconfigure this process's logging.
     monkeypatch.setattr(uvicorn, "Config", lambda app, **settings: None)
     monkeypatch.setattr(_cli_serve, "_draining_server", fake_server)
-    for argv, status in ((["serve"], 200), (["serve", "--no-playground"], 404)):
+    for argv, status, page in (
+        (["serve"], 200, "http://127.0.0.1:8000/"),  # logged once the server listens
+        (["serve", "--host", "::1", "--port", "9"], 200, "http://[::1]:9/"),
+        (["serve", "--no-playground"], 404, None),
+    ):
         args = build_parser().parse_args(argv)
         assert isinstance(args, argparse.Namespace)
         assert _cli_serve.run_serve(args, FakeGenerator, MODEL, io.StringIO()) == 0  # type: ignore[arg-type]
-        (response,) = get(served[-1], "/")
+        app, logged = served[-1]
+        (response,) = get(app, "/")
         assert response.status_code == status, argv
+        assert logged == page
 
 
 def test_help_names_the_playground(capsys: pytest.CaptureFixture[str]) -> None:
