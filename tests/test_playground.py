@@ -316,6 +316,21 @@ def ask(page: Any, question: str, *images: Path) -> None:
     page.press("#question", "Enter")
 
 
+def drop(page: Any, path: Path) -> None:
+    """Drag ``path`` from outside the browser and drop it on the conversation."""
+    transfer = page.evaluate_handle(
+        """([name, data]) => {
+            const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([bytes], name, { type: "image/png" }));
+            return transfer;
+        }""",
+        [path.name, base64.b64encode(path.read_bytes()).decode()],
+    )
+    page.dispatch_event("#conversation", "dragover", {"dataTransfer": transfer})
+    page.dispatch_event("#conversation", "drop", {"dataTransfer": transfer})
+
+
 def answered(page: Any, nth: int) -> tuple[str, str]:
     """Wait for answer ``nth`` (0-based) to finish; its text and stats line."""
     from playwright.sync_api import expect
@@ -392,7 +407,9 @@ def test_several_turns_then_new_chat(tab: Tab, toy_url: str, tmp_path: Path) -> 
     assert len(tab.chats()) == 1
     page.fill("#max-tokens", "5")
     page.fill("#temperature", "0.5")
-    ask(page, COLOR, second)
+    drop(page, second)  # the second picture comes by drag-and-drop
+    page.locator("#attachments img").wait_for()
+    ask(page, COLOR)
     assert answered(page, 1)[0] == second_color
     # The second request carried the whole conversation, each turn with its picture.
     history = tab.chats()[1]["messages"]
@@ -478,6 +495,13 @@ def test_the_api_key_path(tab: Tab, keyed_url: str, tmp_path: Path) -> None:
     # The question and its picture are back in the composer for another try.
     assert page.input_value("#question") == COLOR
     assert page.locator("#attachments img").count() == 1
+    # A key that cannot go in a header is refused in words before anything is sent.
+    page.fill("#api-key", "cl\u00e9")
+    page.press("#question", "Enter")
+    expect(page.locator("#notice")).to_have_text(
+        "The API key can only hold printable ASCII characters; check what was pasted."
+    )
+    assert page.locator(".turn.error").count() == 1
     page.fill("#api-key", "wrong")
     page.press("#question", "Enter")
     assert "Incorrect API key provided." in error_shown(page, 1)

@@ -70,6 +70,13 @@
     return ui.apiKey.value.trim();
   }
 
+  // A header value must be Latin-1; fetch would fail with a puzzling message otherwise.
+  function keyProblem() {
+    return /[^\x20-\x7e]/.test(apiKey())
+      ? "The API key can only hold printable ASCII characters; check what was pasted."
+      : "";
+  }
+
   function headers(extra) {
     const result = Object.assign({}, extra);
     const key = apiKey();
@@ -126,6 +133,10 @@
   // -- models ----------------------------------------------------------------------------
 
   async function loadModels() {
+    if (keyProblem()) {
+      notice(keyProblem(), "error");
+      return;
+    }
     let response;
     try {
       response = await fetch("v1/models", { headers: headers(), cache: "no-store" });
@@ -294,6 +305,11 @@
       notice("Type a question or attach a picture first.");
       return;
     }
+    if (keyProblem()) {
+      notice(keyProblem(), "error");
+      ui.apiKey.focus();
+      return;
+    }
     notice("");
     const content = images.map((image) => ({ type: "image_url", image_url: { url: image.url } }));
     if (text) content.push({ type: "text", text });
@@ -323,8 +339,9 @@
     let pieces = 0;
     let finish = null;
     let usage = null;
+    let response = null;
     try {
-      const response = await fetch("v1/chat/completions", {
+      response = await fetch("v1/chat/completions", {
         method: "POST",
         headers: headers({ "Content-Type": "application/json" }),
         body: JSON.stringify(request),
@@ -342,7 +359,7 @@
       for await (const data of events(response.body)) {
         if (epoch !== chatEpoch) return;
         if (data === "[DONE]") break;
-        const chunk = JSON.parse(data);
+        const chunk = JSON.parse(data); // a broken chunk ends the answer (caught below)
         if (chunk.error) {
           // The 200 was already sent when this went wrong: the server says so in the stream.
           fail(answer, userTurn, "The answer broke off: " + String(chunk.error.message));
@@ -367,7 +384,8 @@
       if (error.name === "AbortError") {
         finish = "stopped";
       } else {
-        fail(answer, userTurn, "Cannot reach the server: " + error.message);
+        const what = response ? "The answer broke off: " : "Cannot reach the server: ";
+        fail(answer, userTurn, what + error.message);
         restoreComposer(text, images);
         return;
       }
@@ -424,7 +442,11 @@
   });
   ui.apiKey.addEventListener("input", saveKey);
   ui.apiKey.addEventListener("change", loadModels);
+  // Only drags that carry files are ours: dropping text into the question works as usual.
+  const carriesFiles = (event) =>
+    Boolean(event.dataTransfer) && Array.from(event.dataTransfer.types).includes("Files");
   document.addEventListener("dragover", (event) => {
+    if (!carriesFiles(event)) return;
     event.preventDefault();
     document.body.classList.add("dragging");
   });
@@ -432,9 +454,10 @@
     if (event.relatedTarget === null) document.body.classList.remove("dragging");
   });
   document.addEventListener("drop", (event) => {
-    event.preventDefault();
     document.body.classList.remove("dragging");
-    attach(Array.from(event.dataTransfer ? event.dataTransfer.files : []));
+    if (!carriesFiles(event)) return;
+    event.preventDefault();
+    attach(Array.from(event.dataTransfer.files));
   });
   document.addEventListener("paste", (event) => {
     const files = Array.from(event.clipboardData ? event.clipboardData.files : []);
