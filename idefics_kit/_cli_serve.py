@@ -51,10 +51,13 @@ _DEFAULT_MAX_DOWNLOADS_PER_REQUEST = 4
 SERVE_EPILOG = f"""\
 The API is OpenAI's chat completions: POST /v1/chat/completions (images as
 data: URIs or http(s) URLs, streaming with "stream": true), GET /v1/models,
-GET /health, GET /metrics (Prometheus). Loopback only and no API key by
-default; before listening on another address set an API key (prefer the
+GET /health, GET /metrics (Prometheus). GET / is the playground: a chat page
+to try the model on your own pictures in a browser (open the server's URL;
+--no-playground leaves it out). Loopback only and no API key by default;
+before listening on another address set an API key (prefer the
 {API_KEY_ENV} environment variable: a --api-key value shows in `ps`). The key
-guards every route but /health (and /metrics with --metrics-without-key).
+guards every route but /health and the playground's page (its API calls need
+the key; the page asks for it), and /metrics with --metrics-without-key.
 docs/server.md ("Security") gives the memory the limits add up to.
 
 examples:
@@ -108,6 +111,13 @@ def add_serve_flags(parser: argparse.ArgumentParser) -> None:
         "--metrics-without-key",
         action="store_true",
         help="let /metrics be scraped without the API key (default: it needs the key)",
+    )
+    net.add_argument(
+        "--no-playground",
+        dest="playground",
+        action="store_false",
+        help="do not serve the playground chat page at / (default: served, without the API "
+        "key like /health; the requests it sends need the key)",
     )
     net.add_argument(
         "--drain-seconds",
@@ -313,6 +323,7 @@ def run_serve(
                 max_receiving_requests=args.max_receiving_requests,
                 body_timeout=args.body_timeout,
                 request_timeout=args.request_timeout,
+                playground=args.playground,
             )
         except ValueError as exc:  # a limit that cannot work with this model
             raise CliExit(f"serve: {exc}", 2) from exc
@@ -334,7 +345,11 @@ def run_serve(
                 args.host,
                 API_KEY_ENV,
             )
-        server = _draining_server(config, app, args.drain_seconds)
+        page = None
+        if args.playground and args.port:
+            host = f"[{args.host}]" if ":" in args.host else args.host
+            page = f"http://{host}:{args.port}/"
+        server = _draining_server(config, app, args.drain_seconds, page)
         server.run()
         if not server.started:
             return 1
@@ -345,14 +360,24 @@ def run_serve(
     return 0
 
 
-def _draining_server(config: Any, app: ServerApp, drain_seconds: float) -> Any:
-    """A ``uvicorn.Server`` whose SIGTERM/SIGINT drains ``app`` first, then exits cleanly."""
+def _draining_server(
+    config: Any, app: ServerApp, drain_seconds: float, page: str | None = None
+) -> Any:
+    """A ``uvicorn.Server`` whose SIGTERM/SIGINT drains ``app`` first, then exits cleanly.
+
+    ``page``: the playground's URL, logged once the server listens.
+    """
     import uvicorn
 
     log = logging.getLogger("idefics_kit.server")
 
     class DrainingServer(uvicorn.Server):
         drain_started: float | None = None
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            if page is not None and self.started:
+                log.info("playground: open %s in a browser", page)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             # Not recorded as a captured signal: uvicorn would re-raise it after

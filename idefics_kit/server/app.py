@@ -9,11 +9,14 @@
 * ``GET /health``: 200 ``{"status": "ok"}``; 503 while draining or while the
   generator cannot take work (``Generator.ready`` is False).
 * ``GET /metrics``: Prometheus text (see :mod:`idefics_kit.server.metrics`).
+* ``GET /``, ``GET /playground.js``, ``GET /playground.css``: the playground, a chat
+  page over this API (see :mod:`idefics_kit.server.playground`); public, like
+  ``/health``, and left out with ``playground=False``.
 
 This module is the plumbing every request goes through, in this order:
 match the route (as Starlette routes: the path without the mount prefix or
-``root_path``), check the API key on every route but ``/health`` (and
-``/metrics`` when ``metrics_without_key``), refuse new requests while
+``root_path``), check the API key on every route but ``/health``, the playground's
+(and ``/metrics`` when ``metrics_without_key``), refuse new requests while
 draining, and, for a chat completion, read its body under a deadline and the
 limits, count it against ``max_concurrent_requests`` once the body is in,
 and hand it to the handler. After the response it counts the request for
@@ -45,6 +48,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Match, Route
 from starlette.types import Message, Receive, Scope, Send
 
+from idefics_kit.server import playground as page
 from idefics_kit.server import schemas
 from idefics_kit.server.chat import (
     ChatHandler,
@@ -126,6 +130,7 @@ def create_app(
     max_receiving_requests: int = DEFAULT_MAX_RECEIVING_REQUESTS,
     body_timeout: float = DEFAULT_BODY_TIMEOUT,
     request_timeout: float | None = None,
+    playground: bool = True,
 ) -> ServerApp:
     """The OpenAI-compatible ASGI app for ``generator``.
 
@@ -134,8 +139,9 @@ def create_app(
     ``/v1/models`` lists and requests must name (or leave out).
 
     ``api_key`` (empty or None: no key) is required as ``Authorization:
-    Bearer <key>`` on every route except ``/health`` (and ``/metrics`` when
-    ``metrics_without_key``), wherever the app is mounted. Image URLs from
+    Bearer <key>`` on every route except ``/health``, the playground page's
+    (and ``/metrics`` when ``metrics_without_key``), wherever the app is
+    mounted. ``playground=False`` leaves the page out: ``GET /`` is then a 404. Image URLs from
     private addresses are refused unless ``allow_private_network``; local
     files only under ``allowed_local_media_path``. ``request_timeout``
     (seconds) bounds each request's wait for the engine plus its generation.
@@ -207,6 +213,7 @@ def create_app(
         max_receiving=max_receiving_requests,
         body_timeout=float(body_timeout),
         request_timeout=request_timeout,
+        playground=playground,
     )
 
 
@@ -234,6 +241,7 @@ class ServerApp:
         max_receiving: int,
         body_timeout: float,
         request_timeout: float | None,
+        playground: bool = True,
     ) -> None:
         self.generator = generator
         self.served_model_name = served_model_name
@@ -270,6 +278,10 @@ class ServerApp:
             exception_handlers={HTTPException: _http_exception},
             lifespan=self._lifespan,
         )
+        if playground:
+            # A fixed set of paths, each answering one file read now: nothing to traverse.
+            for asset in page.assets():
+                self.add_route(asset.path, page.endpoint(asset), public=True)
 
     # -- lifecycle --------------------------------------------------------------------
 
