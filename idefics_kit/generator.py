@@ -13,21 +13,18 @@ a lone call would have given. Loading lives in :mod:`idefics_kit.loading`.
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
 import os
 import threading
-import time
 import weakref
 from collections import abc
-from collections.abc import Callable, Iterable, Sequence, Sized
+from collections.abc import Iterable, Sequence, Sized
 from types import TracebackType
 from typing import Any, TypeVar
 
 import torch
-from transformers import BatchFeature
 
-from idefics_kit import engine, loading, runner, scoring, structured
+from idefics_kit import engine, loading, runner, structured
 from idefics_kit._vocab import logits_width, vocabulary
 from idefics_kit.batching import plan
 from idefics_kit.conversation import Conversation
@@ -35,7 +32,6 @@ from idefics_kit.detokenize import TextDecoder
 from idefics_kit.devices import DeviceLike, DTypeLike
 from idefics_kit.errors import (
     ConversationError,
-    GenerationError,
     InvalidParameterError,
     ModelLoadError,
 )
@@ -47,13 +43,13 @@ from idefics_kit.requests import Waiter as _Waiter
 from idefics_kit.requests import deadline as _deadline
 from idefics_kit.requests import future_outcome as _future
 from idefics_kit.requests import settled as _settled
-from idefics_kit.requests import timeout_error as _timeout_error
 from idefics_kit.requests import within as _within
 from idefics_kit.results import ChoiceScore, Result
 from idefics_kit.runner import OnError, Prepared
 from idefics_kit.scheduler import DEFAULT_MAX_PREFILL_TOKENS, BatchSize, Scheduler, SchedulerStats
 from idefics_kit.scheduler import batch_limit as _batch_limit
 from idefics_kit.scheduler import check_batch_size as _check_batch_size
+from idefics_kit.scorer import Scorer
 from idefics_kit.streams import AsyncTextStream, TextStream
 from idefics_kit.vision_cache import VisionCache, VisionCacheStats
 
@@ -122,6 +118,14 @@ class Generator:
             max_wait_ms=self.max_wait_ms,
             max_queued=max_queued,
             max_prefill_tokens=max_prefill_tokens,
+        )
+        self._scorer = Scorer(
+            model=model,
+            adapter=adapter,
+            scheduler=self._scheduler,
+            inputs=self._inputs,
+            cache=self._cache,
+            context=self._context,
         )
         # The worker thread holds the scheduler, not the Generator: dropping
         # the last reference to a Generator stops its worker.
@@ -740,64 +744,9 @@ class Generator:
         (its input, or the model while scoring it) gets an empty list instead
         of raising. ``timeout`` counts from this call for the whole batch.
         """
-        return self._score_all(list(conversations), choices, on_error, _deadline(timeout), timeout)
-
-    def _score_all(
-        self,
-        items: list[Conversation],
-        choices: Sequence[str] | Sequence[Sequence[str]],
-        on_error: OnError,
-        deadline: float | None,
-        timeout: float | None,
-        gave_up: threading.Event | None = None,
-    ) -> list[list[ChoiceScore]]:
-        if on_error not in ("raise", "return"):
-            raise InvalidParameterError(
-                "on_error", f"on_error must be 'raise' or 'return', got {on_error!r}", on_error
-            )
-        per_item = _choices_per_conversation(choices, len(items))
-        for listed in dict.fromkeys(per_item):
-            for choice in listed:
-                scoring.choice_token_ids(self._adapter, choice)
-        longest = {
-            listed: max(len(scoring.choice_token_ids(self._adapter, c)) for c in listed)
-            for listed in dict.fromkeys(per_item)
-        }
-        prepared = []
-        for index, (conversation, listed) in enumerate(zip(items, per_item, strict=True)):
-            item = runner.prepare(
-                self._adapter,
-                index,
-                conversation,
-                numbered=len(items) > 1,
-                keep_images=self._cache is not None,
-                context=self._context,
-                max_new_tokens=longest[listed],
-            )
-            if item.error is not None and on_error == "raise":
-                raise item.error.at_index(index) if len(items) > 1 else item.error
-            prepared.append(item)
-        results: list[list[ChoiceScore]] = []
-        stop = gave_up or threading.Event()
-        for item, listed in zip(prepared, per_item, strict=True):
-            if item.error is not None:
-                results.append([])
-                continue
-            work = functools.partial(self._score, item, listed, stop.is_set, deadline)
-            try:
-                results.append(
-                    self._scheduler.call(
-                        work, deadline=deadline, on_timeout=_timeout_error(timeout)
-                    )
-                )
-            except GenerationError as exc:
-                if on_error == "raise":
-                    raise (exc.at_index(item.index) if len(items) > 1 else exc) from None
-                results.append([])
-            except BaseException:
-                stop.set()  # timed out or interrupted: the scoring stops at its next pass
-                raise
-        return results
+        return self._scorer.score_all(
+            list(conversations), choices, on_error, _deadline(timeout), timeout
+        )
 
     async def ascore(
         self,
@@ -828,41 +777,11 @@ class Generator:
         gave_up = threading.Event()
         try:
             return await asyncio.to_thread(
-                self._score_all, items, choices, on_error, deadline, timeout, gave_up
+                self._scorer.score_all, items, choices, on_error, deadline, timeout, gave_up
             )
         except BaseException:
             gave_up.set()  # the awaiting task was cancelled: the scoring stops
             raise
-
-    def _score(
-        self,
-        item: Prepared,
-        choices: tuple[str, ...],
-        gave_up: Callable[[], bool],
-        deadline: float | None,
-    ) -> list[ChoiceScore]:
-        # On the worker thread, between decoding steps.
-        def cancelled() -> bool:
-            return gave_up() or (deadline is not None and time.monotonic() > deadline)
-
-        if cancelled():
-            return []  # nobody waits for it any more
-        encoded: dict[str, Any] = dict(item.inputs or {})
-        if self._cache is not None and item.images:
-            encoded = self._inputs.with_cached_features([item], encoded)
-        inputs = BatchFeature(encoded).to(self.device, dtype=self.dtype)
-        try:
-            return scoring.score(self.model, self._adapter, inputs, choices, cancelled=cancelled)
-        except scoring.ScoringCancelled:
-            return []
-        except torch.OutOfMemoryError as exc:
-            raise GenerationError(f"out of memory while scoring: {exc}").with_traceback(
-                None
-            ) from None
-        except Exception as exc:
-            raise GenerationError(
-                f"the model failed while scoring: {type(exc).__name__}: {exc}"
-            ).with_traceback(None) from None
 
     def prompt_token_ids(self, conversation: Conversation) -> tuple[int, ...]:
         """The token ids the model reads for ``conversation``, before the answer.
@@ -927,23 +846,6 @@ def _checked(result: Result, index: int, on_error: OnError) -> Result:
         if on_error == "raise":
             raise result.error
     return result
-
-
-def _choices_per_conversation(choices: object, count: int) -> list[tuple[str, ...]]:
-    if (
-        isinstance(choices, (list, tuple))
-        and choices
-        and all(isinstance(c, (list, tuple)) for c in choices)
-    ):
-        if len(choices) != count:
-            raise InvalidParameterError(
-                "choices",
-                f"choices must hold one list per conversation ({count}), got {len(choices)}",
-                choices,
-            )
-        return [scoring.check_choices(c) for c in choices]
-    shared = scoring.check_choices(choices)
-    return [shared] * count
 
 
 def _options(options: GenerationOptions | None, overrides: dict[str, Any]) -> GenerationOptions:

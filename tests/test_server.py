@@ -992,6 +992,12 @@ def test_toy_metrics_after_traffic(toy_url: str) -> None:
     assert values[("idefics_kit_engine_generated_tokens_total", ())] >= 1
     assert values[("idefics_kit_prompt_tokens_total", ())] >= 1
     assert values[("idefics_kit_engine_queued_requests", ())] == 0
+    # Where the answered request's time went, one observation per stage.
+    for stage in ("prepare", "queue", "prefill", "decode"):
+        labels = (("stage", stage),)
+        assert values[("idefics_kit_engine_request_stage_seconds_count", labels)] >= 1
+        assert values[("idefics_kit_engine_request_stage_seconds_sum", labels)] >= 0
+    assert values[("idefics_kit_engine_request_stage_seconds_sum", (("stage", "prefill"),))] > 0
 
 
 # -- long answers: a tiny random checkpoint that talks until max_tokens ----------------------

@@ -403,6 +403,8 @@ class ChatHandler:
         self.metrics.completion_done(
             result.usage.prompt_tokens, result.usage.completion_tokens, result.finish_reason
         )
+        if result.timing is not None:
+            self.metrics.stages(result.timing)
 
     async def _complete(
         self, chat: ChatRequest, pending: list[Conversation], exchange: Exchange, send: Send

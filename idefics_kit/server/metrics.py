@@ -21,7 +21,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.registry import Collector
 
-__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "METHODS", "Metrics"]
+from idefics_kit.results import Timing
+
+__all__ = ["CONTENT_TYPE", "LATENCY_BUCKETS", "METHODS", "STAGES", "Metrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
 LATENCY_BUCKETS: tuple[float, ...] = (
@@ -41,6 +43,8 @@ LATENCY_BUCKETS: tuple[float, ...] = (
 """Upper bounds (seconds) of the request latency histogram; ``+Inf`` is added."""
 METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS", "PUT", "PATCH", "DELETE"})
 """HTTP methods counted under their own name; any other is counted as ``other``."""
+STAGES = ("prepare", "queue", "prefill", "decode")
+"""The ``stage`` label values of the engine's per-request stage histogram (``Result.timing``)."""
 
 _PREFIX = "idefics_kit"
 # Engine stats fields -> (metric name, type, help); absent fields are skipped.
@@ -119,6 +123,14 @@ class Metrics:
             buckets=tuple(buckets),
             registry=registry,
         )
+        self._stages = Histogram(
+            f"{_PREFIX}_engine_request_stage_seconds",
+            "Answered chat completions: seconds in each stage (prepare: images and prompt; "
+            "queue: waiting for a row; prefill; decode), from Result.timing.",
+            ["stage"],
+            buckets=tuple(buckets),
+            registry=registry,
+        )
         self._prompt_tokens = Counter(
             f"{_PREFIX}_prompt_tokens", "Prompt tokens of answered requests.", registry=registry
         )
@@ -164,6 +176,15 @@ class Metrics:
         self._prompt_tokens.inc(prompt_tokens)
         self._completion_tokens.inc(completion_tokens)
         self._finish.labels(finish_reason=finish).inc()
+
+    def stages(self, timing: Timing) -> None:
+        """Observe where one answered request's time went in the engine."""
+        for stage, seconds in zip(
+            STAGES,
+            (timing.prepare_s, timing.queue_s, timing.prefill_s, timing.decode_s),
+            strict=True,
+        ):
+            self._stages.labels(stage=stage).observe(seconds)
 
     def first_token(self, seconds: float) -> None:
         """Observe a stream's time to its first piece."""
