@@ -362,13 +362,18 @@ def measure(gen: Generator, family: str, sizes: Sizes, runs: int) -> dict[str, A
 
 
 def bench(
-    root: Path, family: str, sizes: Sizes, runs: int, prefill_tokens: int | None = None
+    root: Path,
+    family: str,
+    sizes: Sizes,
+    runs: int,
+    prefill_tokens: int | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     path = _common.build_checkpoint(family, root)
     settings: dict[str, Any] = {"max_batch_size": sizes.batch}
     if prefill_tokens is not None:
         settings["max_prefill_tokens"] = prefill_tokens
-    gen = Generator.from_pretrained(path, device="cpu", **settings)
+    gen = Generator.from_pretrained(path, device=device, **settings)
     try:
         return measure(gen, family, sizes, runs)
     finally:
@@ -402,12 +407,17 @@ def _stages(row: dict[str, Any], side: str) -> str:
 
 
 def report(
-    rows: list[dict[str, Any]], sizes: Sizes, runs: int, quick: bool, output: str = "continuous"
+    rows: list[dict[str, Any]],
+    sizes: Sizes,
+    runs: int,
+    quick: bool,
+    output: str = "continuous",
+    device: str = "cpu",
 ) -> None:
     print(
         f"Continuous batching: {sizes.count} requests (3/4 max_new_tokens={sizes.short}, "
         f"1/4 {sizes.long}, greedy), max_batch_size={sizes.batch}, {sizes.callers} closed-loop "
-        f"callers, {sizes.streams} long streams; small checkpoints, float32, CPU; "
+        f"callers, {sizes.streams} long streams; small checkpoints, float32, {device}; "
         f"{runs} interleaved rounds"
     )
     print(
@@ -456,7 +466,7 @@ def report(
         name,
         {
             "settings": {
-                "checkpoint": "build_tiny_checkpoint(size='small'), float32, CPU",
+                "checkpoint": f"build_tiny_checkpoint(size='small'), float32, {device}",
                 **sizes.__dict__,
                 "runs": runs,
             },
@@ -481,6 +491,9 @@ def main() -> None:
         help="the Generator's max_prefill_tokens (default: the SDK's, 4096)",
     )
     parser.add_argument("--output", default="continuous", help="results file name (no .json)")
+    parser.add_argument(
+        "--device", default="cpu", help="where the model runs (default cpu; cuda on a GPU machine)"
+    )
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     runs = args.runs or (1 if args.quick else 2)
@@ -492,9 +505,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="idefics-kit-bench-") as tmp:
         for family in families:
             started = time.perf_counter()
-            rows.append(bench(Path(tmp), family, sizes, runs, args.max_prefill_tokens))
+            rows.append(bench(Path(tmp), family, sizes, runs, args.max_prefill_tokens, args.device))
             print(f"({time.perf_counter() - started:.0f} s) {verdict(rows[-1])}", flush=True)
-    report(rows, sizes, runs, args.quick, args.output)
+    report(rows, sizes, runs, args.quick, args.output, args.device)
 
 
 if __name__ == "__main__":

@@ -109,6 +109,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--stagger", type=float, default=0.0, help="seconds (default 0)")
     parser.add_argument("--max-prefill-tokens", type=int)
+    parser.add_argument("--device", default="cpu", help="default cpu; cuda on a GPU machine")
     args = parser.parse_args()
     _common.configure()
     convs = [_common.conversation(c) for c in make_contents(COUNT, seed=9)]
@@ -118,7 +119,7 @@ def main() -> None:
     rounds = []
     with tempfile.TemporaryDirectory(prefix="idefics-kit-diag-") as tmp:
         path = _common.build_checkpoint(args.family, Path(tmp))
-        gen = Generator.from_pretrained(path, device="cpu", **settings)
+        gen = Generator.from_pretrained(path, device=args.device, **settings)
         try:
             gen.generate(convs[0], max_new_tokens=SHORT)  # warm-up
             for number in range(args.rounds):

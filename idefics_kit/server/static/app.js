@@ -146,7 +146,10 @@
     }
     if (!response.ok) {
       notice(await errorText(response), "error");
-      if (response.status === 401) ui.apiKey.focus();
+      // Only while no question waits in the box: this reload runs when the key field
+      // loses focus, and its answer must not pull the focus back from the question
+      // (an Enter pressed there would go to the key field and send nothing).
+      if (response.status === 401 && !ui.question.value.trim()) ui.apiKey.focus();
       return;
     }
     const body = await response.json();
