@@ -102,7 +102,8 @@ STAGES = ("prepare", "queue", "prefill", "decode")
 """A request's stages, from :class:`idefics_kit.Timing`."""
 
 
-def _stage(result: Result, stage: str) -> float:
+def stage_seconds(result: Result, stage: str) -> float:
+    """Seconds ``result`` spent in ``stage`` (one of :data:`STAGES`, or ``"total"``)."""
     timing = result.timing
     assert timing is not None, "a successful result carries its timing"
     return {
@@ -110,6 +111,7 @@ def _stage(result: Result, stage: str) -> float:
         "queue": timing.queue_s,
         "prefill": timing.prefill_s,
         "decode": timing.decode_s,
+        "total": timing.total_s,
     }[stage]
 
 
@@ -279,7 +281,9 @@ def measure(gen: Generator, family: str, sizes: Sizes, runs: int) -> dict[str, A
                 for stage, values in stages[name].items():
                     values.append(
                         statistics.median(
-                            _stage(done.results[i], stage) for i in done.results if not is_long(i)
+                            stage_seconds(done.results[i], stage)
+                            for i in done.results
+                            if not is_long(i)
                         )
                     )
             if name in long_latency:

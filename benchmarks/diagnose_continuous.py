@@ -29,31 +29,20 @@ from typing import Any
 
 import _common  # before idefics_kit: sets HF_HUB_OFFLINE before transformers loads
 from bench_batching import make_contents
+from bench_continuous import FULL, is_long, stage_seconds
+from bench_continuous import STAGES as BENCH_STAGES
 
 from idefics_kit import Generator, Result
 
-COUNT, CALLERS, SHORT, LONG, LONE = 64, 16, 8, 128, 4
-STAGES = ("prepare", "queue", "prefill", "decode", "total")
-
-
-def is_long(index: int) -> bool:
-    return index % 4 == 3
-
-
-def stage(result: Result, name: str) -> float:
-    timing = result.timing
-    assert timing is not None
-    return {
-        "prepare": timing.prepare_s,
-        "queue": timing.queue_s,
-        "prefill": timing.prefill_s,
-        "decode": timing.decode_s,
-        "total": timing.total_s,
-    }[name]
+COUNT, CALLERS, SHORT, LONG, LONE = FULL.count, FULL.callers, FULL.short, FULL.long, FULL.lone
+STAGES = (*BENCH_STAGES, "total")
 
 
 def medians(results: list[Result]) -> dict[str, float]:
-    return {name: round(statistics.median(stage(r, name) for r in results), 4) for name in STAGES}
+    return {
+        name: round(statistics.median(stage_seconds(r, name) for r in results), 4)
+        for name in STAGES
+    }
 
 
 def closed_loop(gen: Generator, convs: list[Any], stagger: float, seed: int) -> dict[str, Any]:

@@ -64,22 +64,28 @@ ENV = {
 }
 TIMEOUT_S = 180
 CLI = [sys.executable, "-m", "idefics_kit"]
-# The real CLI with every model call slowed down, so that a run can be
-# interrupted part-way at a point the test controls.
-SLOW_CLI = [
-    sys.executable,
-    "-c",
-    "import sys, time\n"
-    "from idefics_kit.generator import Generator\n"
-    "original = Generator.iter_batch\n"
-    "def slow(self, *args, **kwargs):\n"
-    "    for result in original(self, *args, **kwargs):\n"
-    "        time.sleep(0.3)\n"
-    "        yield result\n"
-    "Generator.iter_batch = slow\n"
-    "from idefics_kit.cli import main\n"
-    "raise SystemExit(main())\n",
-]
+
+
+def slow_cli(seconds: float) -> list[str]:
+    """The real CLI with every answer delayed by ``seconds``, so that a run can be
+    interrupted (or killed) part-way at a point the test controls."""
+    return [
+        sys.executable,
+        "-c",
+        "import sys, time\n"
+        "from idefics_kit.generator import Generator\n"
+        "original = Generator.iter_batch\n"
+        "def slow(self, *args, **kwargs):\n"
+        "    for result in original(self, *args, **kwargs):\n"
+        f"        time.sleep({seconds})\n"
+        "        yield result\n"
+        "Generator.iter_batch = slow\n"
+        "from idefics_kit.cli import main\n"
+        "raise SystemExit(main())\n",
+    ]
+
+
+SLOW_CLI = slow_cli(0.3)
 CPU = ["--device", "cpu", "--dtype", "float32"]
 QUESTION = "What is in this image?"
 

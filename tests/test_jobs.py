@@ -23,26 +23,14 @@ import pytest
 
 from idefics_kit import GenerationOptions, UsageError, jobs
 from idefics_kit.cli import main
+from tests.test_cli import slow_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGES = ROOT / "examples" / "images"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONIOENCODING": "utf-8"}
 TIMEOUT_S = 120
 # The CLI with every answer slowed down, so that a run can be killed part-way.
-SLOW_CLI = [
-    sys.executable,
-    "-c",
-    "import sys, time\n"
-    "from idefics_kit.generator import Generator\n"
-    "original = Generator.iter_batch\n"
-    "def slow(self, *args, **kwargs):\n"
-    "    for result in original(self, *args, **kwargs):\n"
-    "        time.sleep(0.6)\n"
-    "        yield result\n"
-    "Generator.iter_batch = slow\n"
-    "from idefics_kit.cli import main\n"
-    "raise SystemExit(main())\n",
-]
+SLOW_CLI = slow_cli(0.6)
 FLAGS = ["--device", "cpu", "--max-new-tokens", "8", "--batch-size", "4"]
 Row = dict[str, Any]
 
