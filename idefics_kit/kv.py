@@ -12,6 +12,8 @@ a decoding step writes its new keys and values in place: ``DynamicCache``
 grows by ``torch.cat`` at every step, which copies the whole cache into a
 fresh allocation (on the CPU, 40% of a 16-row step of the small test
 models). Joins and selections copy the cache anyway; they keep the room.
+A prefilled state gets its buffers at its first join or step, whichever
+comes first, so the cache of a row that joins is copied once.
 The keys and values a layer hands to attention are views of its buffers:
 the same numbers in the same order, so the tokens do not change.
 
@@ -81,9 +83,6 @@ class BatchCache:
         positions: torch.Tensor,
         extras: dict[str, torch.Tensor],
     ) -> None:
-        with torch.inference_mode():
-            for index, layer in enumerate(cache.layers):
-                cache.layers[index] = _growing(layer)
         self.cache = cache
         self.mask = mask
         """``[rows, columns]``: 1 on real tokens, 0 on left padding (what the cache holds)."""
@@ -91,6 +90,9 @@ class BatchCache:
         """``[rows]``: the position id of each row's next token."""
         self.extras = extras
         self._next_mask: torch.Tensor | None = None
+        self._grown = False
+        """Whether the layers were made growing: at the first join or step, whichever comes
+        first (a prefilled state that is joined into the batch is copied only once)."""
 
     @property
     def rows(self) -> int:
@@ -102,6 +104,8 @@ class BatchCache:
 
     def step_inputs(self, tokens: torch.Tensor) -> dict[str, Any]:
         """The model inputs that feed ``tokens`` (one per row) on top of the cache."""
+        if not self._grown:
+            self._grow()
         mask = torch.cat([self.mask, self.mask.new_ones((self.rows, 1))], dim=1)
         self._next_mask = mask
         return {
@@ -125,7 +129,14 @@ class BatchCache:
         length = max(self.columns, other.columns)
         self._next_mask = None
         with torch.inference_mode():
-            for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
+            for index, (mine, theirs) in enumerate(
+                zip(self.cache.layers, other.cache.layers, strict=True)
+            ):
+                if not isinstance(mine, _Growing):
+                    # Made growing by this join's one copy, not by a copy of its own first.
+                    grown = _growing(mine)
+                    if grown is not None:
+                        self.cache.layers[index] = mine = grown
                 if isinstance(mine, _Growing):
                     mine.join(theirs.keys, theirs.values, length)
                 else:
@@ -140,6 +151,17 @@ class BatchCache:
             self.extras = {
                 key: _joined_extra(self.extras[key], other.extras[key]) for key in self.extras
             }
+        self._grown = True
+
+    def _grow(self) -> None:
+        """Swap the prefilled layers for growing ones (one copy of each, with room)."""
+        with torch.inference_mode():
+            for index, layer in enumerate(self.cache.layers):
+                grown = _growing(layer)
+                if grown is not None:
+                    grown.hold(grown.keys, grown.values)
+                    self.cache.layers[index] = grown
+        self._grown = True
 
     def select(self, keep: Sequence[int]) -> None:
         """Keep only the rows ``keep`` (in that order); cut columns that became all padding."""
@@ -240,22 +262,28 @@ class _GrowingSlidingLayer(_Growing, DynamicSlidingWindowLayer):  # type: ignore
         return self.keys, self.values
 
 
-def _growing(layer: Any) -> Any:
-    """``layer`` (just prefilled) as a growing layer; other kinds of layers stay as they are."""
+def _growing(layer: Any) -> _Growing | None:
+    """A growing layer holding ``layer``'s keys and values as they are (no buffer yet, no copy).
+
+    None for kinds of layers that stay as they are. The caller gives it buffers
+    (``hold`` or ``join``) before it is updated.
+    """
     grown: _Growing
     if type(layer) is DynamicLayer:
         grown = _GrowingLayer()
     elif type(layer) is DynamicSlidingWindowLayer and not layer.record_past:
         grown = _GrowingSlidingLayer(sliding_window=layer.sliding_window)
     else:
-        return layer
+        return None
     if not layer.is_initialized:
-        return layer
+        return None
     grown.device = layer.device
     grown.is_initialized = True
     if isinstance(grown, DynamicSlidingWindowLayer):
         grown._sliding_window_tensor = layer._sliding_window_tensor
-    grown.hold(layer.keys, layer.values)
+    grown.keys, grown.values = layer.keys, layer.values
+    if isinstance(grown, DynamicSlidingWindowLayer):
+        grown.cumulative_length = layer.cumulative_length
     return grown
 
 

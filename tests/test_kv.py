@@ -48,9 +48,10 @@ def same(state: kv.BatchCache, reference: list[torch.Tensor]) -> None:
 def test_steps_joins_and_selections_hold_what_concatenation_holds() -> None:
     generator = torch.Generator().manual_seed(0)
     state, reference = prefilled(rows=3, columns=5, seed=1)
-    assert all(type(layer).__name__ == "_GrowingLayer" for layer in state.cache.layers)
     for step in range(2 * kv.ROOM + 7):  # past the spare room twice
         rows = state.rows
+        state.step_inputs(torch.zeros(rows, dtype=torch.long))  # as the engine steps
+        assert all(type(layer).__name__ == "_GrowingLayer" for layer in state.cache.layers)
         for index, layer in enumerate(state.cache.layers):
             new = torch.randn(rows, HEADS, 1, DIM, generator=generator)
             keys, values = layer.update(new, 2 * new)
@@ -79,6 +80,29 @@ def test_steps_joins_and_selections_hold_what_concatenation_holds() -> None:
 
 
 @torch.inference_mode()
+def test_states_joined_before_any_step_grow_from_the_join() -> None:
+    # An admission prefilled in parts: its states are joined before the first step.
+    state, reference = prefilled(rows=2, columns=4, seed=4)
+    other, theirs = prefilled(rows=1, columns=7, seed=5)
+    state.join(other)
+    reference = [
+        torch.cat([left_padded(mine, 7), extra])
+        for mine, extra in zip(reference, theirs, strict=True)
+    ]
+    assert all(type(layer).__name__ == "_GrowingLayer" for layer in state.cache.layers)
+    same(state, reference)
+    generator = torch.Generator().manual_seed(6)
+    state.step_inputs(torch.zeros(state.rows, dtype=torch.long))
+    for index, layer in enumerate(state.cache.layers):
+        new = torch.randn(state.rows, HEADS, 1, DIM, generator=generator)
+        keys, _ = layer.update(new, 2 * new)
+        reference[index] = torch.cat([reference[index], new], dim=-2)
+        assert torch.equal(keys, reference[index])
+    state.stepped()
+    same(state, reference)
+
+
+@torch.inference_mode()
 def test_a_sliding_layer_reports_transformers_sizes_also_once_its_window_fills() -> None:
     window = 8
     generator = torch.Generator().manual_seed(3)
@@ -90,6 +114,7 @@ def test_a_sliding_layer_reports_transformers_sizes_also_once_its_window_fills()
     cache = DynamicCache()
     cache.layers.append(growing)
     state = kv.BatchCache(cache, torch.ones(2, 3, dtype=torch.long), torch.full((2,), 3), {})
+    state.step_inputs(torch.zeros(2, dtype=torch.long))
     growing = cache.layers[0]
     assert type(growing).__name__ == "_GrowingSlidingLayer"
     for _ in range(2 * window):
